@@ -1,0 +1,33 @@
+# qsam2-jax developer commands. `make test` is what CI runs.
+PYTHON ?= python3.11
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.setup-stamp
+SAM2_VERSION := 1.1.0
+
+.PHONY: setup test test-all demo clean-venv
+
+setup: $(STAMP)
+
+# Rebuilt whenever pyproject.toml or this Makefile changes; seconds when up to date.
+$(STAMP): pyproject.toml Makefile
+	rm -rf $(VENV)
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip setuptools wheel
+	$(PY) -m pip install -q -e '.[torch,test]'
+	# sam2 is source-only: no deps (no torchvision), no build isolation (no CUDA torch), no _C.
+	SAM2_BUILD_CUDA=0 $(PY) -m pip install -q --no-deps --no-build-isolation sam2==$(SAM2_VERSION)
+	$(PY) -c "import jax, flax, optax, orbax.checkpoint, torch, sam2; print('jax', jax.__version__, 'flax', flax.__version__, 'torch', torch.__version__)"
+	touch $(STAMP)
+
+test: setup
+	$(PY) -m pytest -q -m "not slow"
+
+test-all: setup
+	$(PY) -m pytest -q
+
+demo: setup
+	$(PY) -m eval.demo
+
+clean-venv:
+	rm -rf $(VENV)

@@ -1,0 +1,163 @@
+"""Leaf layers shared by every SAM2 module.
+
+Every Linear and Conv of the model is built here, from these classes, so that quantization can
+later swap them (by module path) without the model knowing. Parameters are float32; `dtype` is
+the compute dtype (bfloat16 for speed). Norms and softmax always compute in float32.
+
+Parameter names follow Flax (`kernel`, `bias`, `scale`, `embedding`); `convert/` maps them to
+the PyTorch names one to one.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Optional, Sequence
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+Dtype = Optional[jnp.dtype]
+
+
+class Buffer(nnx.Variable):
+  """A constant tensor stored in the checkpoint (a PyTorch buffer): never trained."""
+
+
+def gelu(x: jax.Array) -> jax.Array:
+  """SAM2 uses the exact (erf) GELU everywhere; JAX defaults to the tanh approximation."""
+  return jax.nn.gelu(x, approximate=False)
+
+
+def relu(x: jax.Array) -> jax.Array:
+  return jax.nn.relu(x)
+
+
+class Linear(nnx.Linear):
+  """`torch.nn.Linear` equivalent; kernel stored (in, out)."""
+
+  def __init__(self, in_features: int, out_features: int, *, dtype: Dtype = None,
+               rngs: nnx.Rngs):
+    super().__init__(in_features, out_features, dtype=dtype, param_dtype=jnp.float32, rngs=rngs)
+
+
+class Conv(nnx.Conv):
+  """`torch.nn.Conv2d` on NHWC tensors; kernel stored (kh, kw, in/groups, out)."""
+
+  def __init__(self, in_features: int, out_features: int, kernel_size: int, *, stride: int = 1,
+               padding: int = 0, groups: int = 1, dtype: Dtype = None, rngs: nnx.Rngs):
+    super().__init__(
+        in_features, out_features, (kernel_size, kernel_size), strides=(stride, stride),
+        padding=((padding, padding), (padding, padding)), feature_group_count=groups,
+        dtype=dtype, param_dtype=jnp.float32, rngs=rngs)
+
+
+class ConvTranspose2x2(nnx.Module):
+  """`torch.nn.ConvTranspose2d(k=2, s=2)` as a depth-to-space einsum (outputs never overlap).
+
+  The kernel keeps PyTorch's (in, out, 2, 2) layout, the one layout where the einsum reads
+  naturally: y[2i+a, 2j+b, o] = sum_c x[i, j, c] * W[c, o, a, b] + bias[o].
+  """
+
+  def __init__(self, in_features: int, out_features: int, *, dtype: Dtype = None,
+               rngs: nnx.Rngs):
+    bound = 1.0 / (out_features * 4) ** 0.5
+    self.kernel = nnx.Param(jax.random.uniform(
+        rngs.params(), (in_features, out_features, 2, 2), jnp.float32, -bound, bound))
+    self.bias = nnx.Param(jax.random.uniform(
+        rngs.params(), (out_features,), jnp.float32, -bound, bound))
+    self.dtype = dtype
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    dtype = self.dtype or x.dtype
+    b, h, w, _ = x.shape
+    y = jnp.einsum("bhwc,coij->bhiwjo", x.astype(dtype), self.kernel[...].astype(dtype))
+    y = y.reshape(b, 2 * h, 2 * w, -1)
+    return y + self.bias[...].astype(dtype)
+
+
+class LayerNorm(nnx.Module):
+  """LayerNorm over the last axis, computed in float32 with two-pass variance like PyTorch.
+
+  Used both for `nn.LayerNorm` (eps 1e-5 in the SAM transformers) and SAM2's `LayerNorm2d`
+  (eps 1e-6, channels last here).
+  """
+
+  def __init__(self, num_features: int, *, eps: float, rngs: nnx.Rngs | None = None):
+    del rngs
+    self.scale = nnx.Param(jnp.ones((num_features,), jnp.float32))
+    self.bias = nnx.Param(jnp.zeros((num_features,), jnp.float32))
+    self.eps = eps
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    xf = x.astype(jnp.float32)
+    mean = jnp.mean(xf, axis=-1, keepdims=True)
+    var = jnp.mean(jnp.square(xf - mean), axis=-1, keepdims=True)
+    y = (xf - mean) * jax.lax.rsqrt(var + self.eps)
+    return (y * self.scale[...] + self.bias[...]).astype(x.dtype)
+
+
+class Activation(nnx.Module):
+  """A parameter-free slot in a `nn.Sequential`, so that list indices match PyTorch's."""
+
+  def __init__(self, fn: Callable[[jax.Array], jax.Array]):
+    self.fn = fn
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    return self.fn(x)
+
+
+class Sequential(nnx.List):
+  """`nn.Sequential` with PyTorch's indices (activation slots included), so keys read `name.3`."""
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    for layer in self:
+      x = layer(x)
+    return x
+
+
+class MLP(nnx.Module):
+  """SAM2's `MLP` (sam2_utils): `num_layers` Linears, activation between, optional sigmoid."""
+
+  def __init__(self, input_dim: int, hidden_dim: int, output_dim: int, num_layers: int, *,
+               activation: Callable[[jax.Array], jax.Array] = relu, sigmoid_output: bool = False,
+               dtype: Dtype = None, rngs: nnx.Rngs):
+    dims_in = [input_dim] + [hidden_dim] * (num_layers - 1)
+    dims_out = [hidden_dim] * (num_layers - 1) + [output_dim]
+    self.layers = nnx.List(
+        [Linear(i, o, dtype=dtype, rngs=rngs) for i, o in zip(dims_in, dims_out)])
+    self.activation = activation
+    self.sigmoid_output = sigmoid_output
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    n = len(self.layers)
+    for i, layer in enumerate(self.layers):
+      x = layer(x)
+      if i < n - 1:
+        x = self.activation(x)
+    if self.sigmoid_output:
+      x = jax.nn.sigmoid(x.astype(jnp.float32)).astype(x.dtype)
+    return x
+
+
+class Embedding(nnx.Module):
+  """`nn.Embedding` whose rows are used directly (SAM's learned tokens)."""
+
+  def __init__(self, num: int, features: int, *, rngs: nnx.Rngs):
+    self.embedding = nnx.Param(jax.random.normal(rngs.params(), (num, features), jnp.float32))
+
+  def __call__(self) -> jax.Array:
+    return self.embedding[...]
+
+
+def free_param(rngs: nnx.Rngs, shape: Sequence[int], std: float = 0.02) -> nnx.Param:
+  """A top-level tensor such as `no_mem_embed` (PyTorch: a bare nn.Parameter)."""
+  return nnx.Param(std * jax.random.normal(rngs.params(), tuple(shape), jnp.float32))
+
+
+def attention(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
+  """Scaled dot-product attention, (B, L, heads, head_dim) layout, softmax in float32.
+
+  One entry point for every SAM2 attention so that the implementation (XLA on CPU, cuDNN flash
+  attention on GPU) is chosen in one place.
+  """
+  return jax.nn.dot_product_attention(q, k, v)

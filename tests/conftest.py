@@ -1,0 +1,31 @@
+"""Test setup: 8 fake CPU devices (before JAX is imported), fp32 matmuls, shared references."""
+
+import os
+import sys
+
+os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
+                           + " --xla_force_host_platform_device_count=8")
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+sys.path.insert(0, os.path.dirname(__file__))  # tests/torch_reference.py
+
+import jax  # noqa: E402
+import pytest  # noqa: E402
+
+jax.config.update("jax_default_matmul_precision", "highest")
+
+
+@pytest.fixture(scope="session")
+def torch_t256():
+  """Randomized SAM2.1-t reference (PyTorch) at 256², shared by the parity tests."""
+  from qsam2_jax.model.configs import get_config
+  from torch_reference import build_torch_sam2
+  cfg = get_config("sam2.1_hiera_t", image_size=256)
+  return cfg, build_torch_sam2(cfg, seed=0)
+
+
+@pytest.fixture(scope="session")
+def torch_t256_ckpt(torch_t256, tmp_path_factory):
+  """The same reference saved as an official checkpoint."""
+  from torch_reference import save_official
+  cfg, model = torch_t256
+  return cfg, save_official(model, tmp_path_factory.mktemp("ref") / "sam2.1_hiera_t.pt")
