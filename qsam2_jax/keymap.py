@@ -15,6 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from qsam2_jax.errors import UserError
 from qsam2_jax.model import layers
 
 _LEAF_RENAME = {"kernel": "weight", "scale": "weight", "embedding": "weight"}
@@ -22,7 +23,7 @@ _LEAF_RENAME = {"kernel": "weight", "scale": "weight", "embedding": "weight"}
 _NHWC_TABLES = ("pos_embed", "pos_embed_window")
 
 
-class CheckpointMismatchError(ValueError):
+class CheckpointMismatchError(UserError):
   """The checkpoint does not match the model: lists every missing, extra and mis-shaped key."""
 
 

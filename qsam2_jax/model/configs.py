@@ -10,6 +10,8 @@ from __future__ import annotations
 import dataclasses
 from typing import Tuple
 
+from qsam2_jax.errors import UserError
+
 
 @dataclasses.dataclass(frozen=True)
 class HieraConfig:
@@ -142,10 +144,10 @@ def get_config(name: str, image_size: int | None = None) -> SAM2Config:
   key = _ALIASES.get(key, key)
   if key not in CONFIGS:
     known = ", ".join(sorted(CONFIGS))
-    raise ValueError(f"unknown SAM2 config {name!r}; expected one of: {known}")
+    raise UserError(f"unknown SAM2 config {name!r}; expected one of: {known}")
   cfg = CONFIGS[key]
   if image_size is not None:
     if image_size % 32 or image_size < 64:
-      raise ValueError(f"image_size must be a multiple of 32 and >= 64, got {image_size}")
+      raise UserError(f"image_size must be a multiple of 32 and >= 64, got {image_size}")
     cfg = cfg.replace(image_size=image_size)
   return cfg

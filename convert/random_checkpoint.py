@@ -1,0 +1,88 @@
+"""A random-weight SAM2 checkpoint in the official format, built by the `sam2` package.
+
+  python -m convert.random_checkpoint --config sam2.1_hiera_t --out demo/sam2.1_hiera_t.pt
+
+Official checkpoints cannot be downloaded here; demos and tests use these instead. Random init
+leaves many tensors constant (position tables at zero, LayerNorms at 1/0, layer scales at 1e-6);
+`--randomize-constants` (the default) replaces them with random values so that every path of the
+model is exercised, and shifts the object-score bias so random weights call objects present.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Any, Optional, Sequence
+
+from qsam2_jax.errors import report_user_errors
+from qsam2_jax.model.configs import CONFIGS, SAM2Config, get_config
+
+
+def build_torch_sam2(cfg: SAM2Config, seed: int = 0, video: bool = False,
+                     randomize: bool = True, obj_score_shift: float = 4.0) -> Any:
+  """`build_sam2` (or the video predictor, hole filling off) on CPU with random weights."""
+  import torch
+  from sam2.build_sam import build_sam2, build_sam2_video_predictor
+
+  torch.manual_seed(seed)
+  overrides = [f"++model.image_size={cfg.image_size}"]
+  if video:
+    model = build_sam2_video_predictor(cfg.torch_yaml, ckpt_path=None, device="cpu",
+                                       hydra_overrides_extra=overrides)
+    model.fill_hole_area = 0
+  else:
+    model = build_sam2(cfg.torch_yaml, ckpt_path=None, device="cpu",
+                       hydra_overrides_extra=overrides)
+  if randomize:
+    randomize_constant_tensors(model, seed + 1, obj_score_shift)
+  return model.eval()
+
+
+def randomize_constant_tensors(model: Any, seed: int, obj_score_shift: float = 4.0) -> None:
+  """Gives every init-constant floating tensor random values (norm weights around 1)."""
+  import torch
+  gen = torch.Generator().manual_seed(seed)
+  with torch.no_grad():
+    for name, p in model.state_dict().items():
+      if not p.is_floating_point() or p.numel() == 0:
+        continue
+      if p.numel() == 1 or bool((p == p.flatten()[0]).all()):
+        base = 1.0 if name.endswith("weight") and ("norm" in name or ".1." in name) else 0.0
+        p.copy_(base + 0.2 * torch.randn(p.shape, generator=gen))
+      elif name.endswith("gamma"):
+        p.copy_(0.2 * torch.randn(p.shape, generator=gen))
+    head = model.sam_mask_decoder.pred_obj_score_head
+    last = head.layers[-1] if hasattr(head, "layers") else head
+    last.bias.add_(obj_score_shift)
+
+
+def save_official(model: Any, path: str) -> str:
+  """Writes `{"model": state_dict}` (the official format) through a temporary file."""
+  from convert.to_torch import save_torch_state_dict
+  sd = {k: v.detach().cpu().numpy() for k, v in model.state_dict().items()}
+  return save_torch_state_dict(sd, path)
+
+
+def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
+  p = argparse.ArgumentParser(prog="python -m convert.random_checkpoint", description=__doc__,
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
+  p.add_argument("--config", choices=sorted(CONFIGS), default="sam2.1_hiera_t")
+  p.add_argument("--out", required=True, help="output .pt file")
+  p.add_argument("--seed", type=int, default=0)
+  p.add_argument("--no-randomize-constants", dest="randomize", action="store_false",
+                 help="keep PyTorch's init exactly (many tensors constant)")
+  return p.parse_args(argv)
+
+
+@report_user_errors
+def main(argv: Optional[Sequence[str]] = None) -> int:
+  args = parse_args(argv)
+  cfg = get_config(args.config)
+  model = build_torch_sam2(cfg, seed=args.seed, randomize=args.randomize)
+  out = save_official(model, args.out)
+  print(f"random {cfg.name} (seed {args.seed}) -> {out}")
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())

@@ -1,0 +1,196 @@
+"""Checkpoint I/O in one place: official `.pt` files in, Orbax directories in and out.
+
+An Orbax model checkpoint here is a `CheckpointManager` directory: `<dir>/<step>/model` (the
+NNX state) and `<dir>/<step>/meta` (JSON: config name, image size, what produced it). A converted
+official checkpoint is step 0; training runs add steps.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import uuid
+from typing import Any, Callable, Dict, Mapping, Optional, Tuple
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+from flax import nnx
+
+from qsam2_jax import keymap
+from qsam2_jax.errors import UserError
+from qsam2_jax.model import configs
+from qsam2_jax.model.sam2 import SAM2Base, abstract_sam2
+from qsam2_jax.torch_format import NotACheckpointError, read_pt
+
+FORMAT = "qsam2-jax"
+_PATCH_KEY = "image_encoder.trunk.patch_embed.proj.weight"
+_SIZES = {(96, 12): "t", (96, 16): "s", (112, 24): "b+", (144, 48): "l"}
+
+
+class CheckpointError(UserError):
+  """A checkpoint that cannot be used, with the path and the reason."""
+
+
+# ---------------------------------------------------------------------------- official .pt files
+
+
+def read_torch_state_dict(path: str | os.PathLike) -> Dict[str, np.ndarray]:
+  """The `"model"` state dict of an official (or training) `.pt` file, as numpy arrays."""
+  obj = read_pt(path)
+  sd = obj.get("model", obj) if isinstance(obj, dict) else None
+  if not isinstance(sd, dict) or not all(isinstance(v, np.ndarray) for v in sd.values()):
+    raise NotACheckpointError(
+        f"{path}: expected a dict with a 'model' state dict of tensors (the official SAM2 format)")
+  return {k.removeprefix("module."): v for k, v in sd.items()}
+
+
+def detect_config(state_dict: Mapping[str, Any], source: str = "checkpoint",
+                  image_size: Optional[int] = None) -> configs.SAM2Config:
+  """SAM2.0/2.1 and t/s/b+/l from the keys and shapes of a PyTorch-layout state dict."""
+  if _PATCH_KEY not in state_dict:
+    raise CheckpointError(
+        f"{source}: cannot detect the SAM2 config: key '{_PATCH_KEY}' is missing "
+        "(is this a SAM2 checkpoint?); pass the config explicitly")
+  embed_dim = int(np.shape(state_dict[_PATCH_KEY])[0])
+  blocks = {int(m.group(1)) for k in state_dict
+            if (m := re.match(r"image_encoder\.trunk\.blocks\.(\d+)\.", k))}
+  size = _SIZES.get((embed_dim, len(blocks)))
+  if size is None:
+    raise CheckpointError(
+        f"{source}: no SAM2 config has embed_dim {embed_dim} with {len(blocks)} blocks "
+        f"(known: {sorted(_SIZES)}); pass the config explicitly")
+  version = "2.1" if "no_obj_embed_spatial" in state_dict else "2.0"
+  name = f"sam2.1_hiera_{size}" if version == "2.1" else f"sam2_hiera_{size}"
+  return configs.get_config(name, image_size=image_size)
+
+
+def model_from_state_dict(state_dict: Mapping[str, Any], cfg: configs.SAM2Config, *,
+                          dtype=None, source: str = "checkpoint") -> SAM2Base:
+  """Builds the model with the given PyTorch-layout weights (strict: every key, every shape)."""
+  model = abstract_sam2(cfg, dtype=dtype)
+  keymap.load_state_dict(model, state_dict, source=source)
+  return model
+
+
+# ---------------------------------------------------------------------------- Orbax directories
+
+
+def _manager(directory: str, create: bool = False) -> ocp.CheckpointManager:
+  opts = ocp.CheckpointManagerOptions(create=create, max_to_keep=None)
+  return ocp.CheckpointManager(os.path.abspath(directory), options=opts)
+
+
+def save_model(directory: str | os.PathLike, model: nnx.Module, meta: Dict[str, Any], *,
+               step: int = 0, overwrite: bool = False) -> str:
+  """Writes `model` (its whole NNX state) and `meta` as an Orbax checkpoint, atomically.
+
+  Everything is written under a temporary name next to `directory`, then renamed into place,
+  so an interrupted call leaves no half-written checkpoint behind.
+  """
+  directory = os.path.abspath(os.fspath(directory))
+  if os.path.exists(directory) and not overwrite:
+    raise CheckpointError(f"{directory} already exists (pass overwrite=True / --overwrite)")
+  os.makedirs(os.path.dirname(directory), exist_ok=True)
+  tmp = f"{directory}.tmp-{uuid.uuid4().hex[:8]}"
+  meta = {"format": FORMAT, **meta}
+  try:
+    with _manager(tmp, create=True) as mngr:
+      mngr.save(step, args=ocp.args.Composite(
+          model=ocp.args.StandardSave(nnx.state(model)), meta=ocp.args.JsonSave(meta)))
+      mngr.wait_until_finished()
+    if os.path.exists(directory):
+      old = f"{directory}.old-{uuid.uuid4().hex[:8]}"
+      os.replace(directory, old)
+      os.replace(tmp, directory)
+      shutil.rmtree(old, ignore_errors=True)
+    else:
+      os.replace(tmp, directory)
+  finally:
+    shutil.rmtree(tmp, ignore_errors=True)
+  return directory
+
+
+def _resolve_step(directory: str, step: Optional[int]) -> Tuple[ocp.CheckpointManager, int]:
+  if not os.path.isdir(directory):
+    raise CheckpointError(f"checkpoint directory not found: {directory}")
+  mngr = _manager(directory)
+  steps = mngr.all_steps()
+  if not steps:
+    mngr.close()
+    raise CheckpointError(f"{directory} holds no Orbax checkpoint steps (not a checkpoint, or "
+                          "an interrupted save)")
+  if step is None:
+    step = max(steps)
+  elif step not in steps:
+    mngr.close()
+    raise CheckpointError(f"{directory} has no step {step}; available: {sorted(steps)}")
+  return mngr, step
+
+
+def read_meta(directory: str | os.PathLike, step: Optional[int] = None) -> Dict[str, Any]:
+  """The JSON metadata of a checkpoint step (the latest when `step` is None)."""
+  directory = os.fspath(directory)
+  mngr, step = _resolve_step(directory, step)
+  with mngr:
+    try:
+      meta = mngr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+    except Exception as e:  # noqa: BLE001 - Orbax raises many types for a broken directory
+      raise CheckpointError(f"{directory} step {step}: cannot read its metadata: {e}") from e
+  if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+    raise CheckpointError(f"{directory}: not a {FORMAT} checkpoint (metadata: {meta!r})")
+  return {**meta, "step": step}
+
+
+def restore_state(directory: str | os.PathLike, target: nnx.Module, *, step: Optional[int] = None,
+                  sharding: Optional[Callable[[jax.ShapeDtypeStruct], Any]] = None) -> nnx.Module:
+  """Restores a step's model state into the abstract `target` (shapes from `nnx.eval_shape`).
+
+  `sharding` maps each abstract leaf to its sharding on the current mesh (default: the first
+  local device), so checkpoints restore onto any topology.
+  """
+  directory = os.fspath(directory)
+  graphdef, abstract = nnx.split(target)
+  device = jax.local_devices()[0]
+  shard = sharding or (lambda leaf: jax.sharding.SingleDeviceSharding(device))
+  abstract = jax.tree.map(
+      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=shard(x)), abstract)
+  mngr, step = _resolve_step(directory, step)
+  with mngr:
+    try:
+      restored = mngr.restore(step, args=ocp.args.Composite(
+          model=ocp.args.StandardRestore(abstract)))["model"]
+    except Exception as e:  # noqa: BLE001
+      raise CheckpointError(f"{directory} step {step}: cannot restore the model state: {e}") from e
+  return nnx.merge(graphdef, restored)
+
+
+# ---------------------------------------------------------------------------- one entry point
+
+
+def load_sam2(path: str | os.PathLike, *, config: Optional[str] = None, dtype=None,
+              image_size: Optional[int] = None, step: Optional[int] = None
+              ) -> Tuple[SAM2Base, configs.SAM2Config]:
+  """Loads an official `.pt` file or an Orbax directory written by this project.
+
+  Args:
+    path: `.pt` file or checkpoint directory.
+    config: config name; detected from the checkpoint when None.
+    dtype: compute dtype (e.g. jnp.bfloat16); parameters stay float32.
+    image_size: model input size (default: the checkpoint's, 1024 for official files).
+    step: Orbax step (default: latest).
+  """
+  path = os.fspath(path)
+  if os.path.isdir(path):
+    meta = read_meta(path, step)
+    cfg = configs.get_config(config or meta["config"],
+                             image_size=image_size or meta.get("image_size"))
+    model = restore_state(path, abstract_sam2(cfg, dtype=dtype), step=meta["step"])
+    return model, cfg
+  if not os.path.exists(path):
+    raise CheckpointError(f"checkpoint not found: {path}")
+  sd = read_torch_state_dict(path)
+  cfg = (configs.get_config(config, image_size=image_size) if config
+         else detect_config(sd, path, image_size))
+  return model_from_state_dict(sd, cfg, dtype=dtype, source=path), cfg
