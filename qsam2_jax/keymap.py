@@ -95,12 +95,12 @@ def load_state_dict(model: nnx.Module, state_dict: Mapping[str, Any], source: st
   check_state_dict(model, state_dict, source, prefix)
   for name, _, var, (_, to_flax) in _model_leaves(model):
     arr = np.asarray(state_dict[prefix + name])
-    var.value = jnp.asarray(np.ascontiguousarray(to_flax(arr)), dtype=var.value.dtype)
+    var.set_value(jnp.asarray(np.ascontiguousarray(to_flax(arr)), dtype=var.get_value().dtype))
 
 
 def state_dict(model: nnx.Module, prefix: str = "") -> Dict[str, np.ndarray]:
   """The model's tensors as a PyTorch-layout state dict of numpy arrays (contiguous copies)."""
   out = {}
   for name, _, var, (to_torch, _) in _model_leaves(model):
-    out[prefix + name] = np.ascontiguousarray(to_torch(np.asarray(var.value)))
+    out[prefix + name] = np.ascontiguousarray(to_torch(np.asarray(var.get_value())))
   return out
