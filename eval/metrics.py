@@ -40,7 +40,8 @@ def _as_bool(mask: np.ndarray, name: str) -> np.ndarray:
 def _pair(pred: np.ndarray, gt: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
   p, g = _as_bool(pred, "pred"), _as_bool(gt, "gt")
   if p.ndim != 2 or p.shape != g.shape:
-    raise ValueError(f"pred and gt must be 2-D masks of the same shape, got {p.shape} and {g.shape}")
+    raise ValueError(f"pred and gt must be 2-D masks of the same shape, got {p.shape} and "
+                     f"{g.shape}")
   return p, g
 
 
@@ -48,7 +49,7 @@ def _pair(pred: np.ndarray, gt: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 
 def mask_iou(pred: np.ndarray, gt: np.ndarray) -> float:
-  """|pred ∩ gt| / |pred ∪ gt|, and 1.0 when both masks are empty (the DAVIS / SA-V convention)."""
+  """|pred ∩ gt| / |pred ∪ gt|, and 1.0 when both masks are empty (as DAVIS and SA-V score)."""
   p, g = _pair(pred, gt)
   union = np.count_nonzero(p | g)
   if union == 0:
@@ -89,7 +90,7 @@ def boundary_map(mask: np.ndarray) -> np.ndarray:
 
 
 def boundary_radius(shape: Sequence[int], bound_th: float = 0.008) -> int:
-  """Tolerance disk radius in pixels: `bound_th` itself if >= 1, else ceil(bound_th·‖(H, W)‖₂)."""
+  """Tolerance disk radius in pixels: `bound_th` if >= 1, else ceil(bound_th·‖(H, W)‖₂)."""
   if bound_th <= 0:
     raise ValueError(f"bound_th must be positive, got {bound_th}")
   if bound_th >= 1:

@@ -6,6 +6,7 @@ as bytes (JSON needs str), and stores polygons and uncompressed RLE in other sha
 
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
 import numpy as np
@@ -38,7 +39,10 @@ def _to_rle(segm: Any, height: int, width: int) -> dict[str, Any]:
 
 def decode(segm: Any, height: int, width: int) -> np.ndarray:
   """COCO `segmentation` (polygons, uncompressed or compressed RLE) -> (H, W) bool mask."""
-  return mask_utils.decode(_to_rle(segm, height, width)).astype(bool)
+  rle = _to_rle(segm, height, width)
+  with warnings.catch_warnings():  # pycocotools predates numpy 2's __array__(copy=) protocol
+    warnings.simplefilter("ignore", DeprecationWarning)
+    return mask_utils.decode(rle).astype(bool)
 
 
 def area(mask: np.ndarray) -> int:
