@@ -1,9 +1,10 @@
 """Exact equivalents of the `torch.nn.functional.interpolate` modes SAM2 uses.
 
-`jax.image.resize` differs from PyTorch (cubic with A = -0.5 and renormalised borders; its
-antialiasing borders), so every resize here is a pair of separable weight matrices built once in
-numpy float64 with PyTorch's own index rules, then applied as float32 matrix products: exact to
-float rounding, differentiable, and fusable under `jit`. All modes use `align_corners=False`.
+`jax.image.resize` differs from PyTorch (its cubic uses A = -0.5 and renormalises the border
+taps; its antialiased borders differ), so every resize here is a pair of separable weight
+matrices built once (lru-cached numpy float64, reproducing PyTorch's index rules and its float32
+coordinate rounding) and applied as float32 matrix products under `jit`: exact to float rounding
+and differentiable. All modes use `align_corners=False`.
 """
 
 from __future__ import annotations
@@ -20,15 +21,14 @@ _CUBIC_A = -0.75  # PyTorch's Keys cubic coefficient (PIL's antialiased bicubic 
 
 
 def _source_coords(n_in: int, n_out: int) -> np.ndarray:
-  """Half-pixel source coordinates `scale·(i + 0.5) − 0.5`, rounded like PyTorch.
+  """Half-pixel source coordinates `scale·(i + 0.5) − 0.5` (float32 values), like PyTorch.
 
-  PyTorch computes them in float32 (opmath of float inputs); near 10^3 pixels that rounding
-  moves a coordinate by ~3e-5, visible at 1e-5 tolerance, so it is reproduced here and only the
-  weights derived from the coordinates are float64.
+  PyTorch computes them in float32 with a fused multiply-add; near 10^3 pixels float64
+  coordinates differ by up to ~6e-5, visible at 1e-5 tolerance. The float64 product of the
+  float32 scale and i + 0.5 is exact, so one rounding to float32 reproduces the FMA.
   """
-  f32 = np.float32
-  scale = f32(n_in) / f32(n_out)
-  return (scale * (np.arange(n_out, dtype=f32) + f32(0.5)) - f32(0.5)).astype(np.float64)
+  scale = np.float64(np.float32(n_in) / np.float32(n_out))
+  return (scale * (np.arange(n_out) + 0.5) - 0.5).astype(np.float32)
 
 
 def _frozen(m: np.ndarray) -> np.ndarray:
@@ -58,7 +58,7 @@ def bicubic_matrix(n_in: int, n_out: int) -> np.ndarray:
   """
   src = _source_coords(n_in, n_out)
   x0 = np.floor(src)
-  w = _cubic_weights(src - x0)
+  w = _cubic_weights((src - x0).astype(np.float64))
   idx = np.clip(x0[:, None].astype(np.int64) + np.arange(-1, 3)[None, :], 0, n_in - 1)
   m = np.zeros((n_out, n_in))
   np.add.at(m, (np.repeat(np.arange(n_out), 4), idx.ravel()), w.ravel())
@@ -66,14 +66,15 @@ def bicubic_matrix(n_in: int, n_out: int) -> np.ndarray:
 
 
 def _bilinear_plain(n_in: int, n_out: int) -> np.ndarray:
-  src = np.maximum(_source_coords(n_in, n_out), 0.0)
-  x0 = np.floor(src).astype(np.int64)
-  lam = np.clip(src - x0, 0.0, 1.0)
+  src = np.maximum(_source_coords(n_in, n_out), np.float32(0))
+  x0 = np.floor(src)
+  lam = np.clip(src - x0, np.float32(0), np.float32(1))  # float32, as in PyTorch
+  x0 = x0.astype(np.int64)
   x1 = np.where(x0 < n_in - 1, x0 + 1, x0)
   m = np.zeros((n_out, n_in))
   rows = np.arange(n_out)
-  np.add.at(m, (rows, x0), 1.0 - lam)
-  np.add.at(m, (rows, x1), lam)
+  np.add.at(m, (rows, x0), (np.float32(1) - lam).astype(np.float64))
+  np.add.at(m, (rows, x1), lam.astype(np.float64))
   return m
 
 
@@ -82,24 +83,28 @@ def _bilinear_antialias(n_in: int, n_out: int) -> np.ndarray:
 
   Output i is centred at scale·(i + 0.5) in input pixels; a triangle filter stretched by the
   scale (support = scale when downsampling, 1 otherwise) is sampled at the input pixel centres
-  inside the support and normalised to sum 1, which renormalises the border rows.
+  inside the support and normalised to sum 1, which renormalises the border rows. Computed in
+  float32 step by step like PyTorch's kernel (its rounding is visible at 1e-5).
   """
-  scale = n_in / n_out
-  support = scale if scale >= 1.0 else 1.0
-  invscale = 1.0 / scale if scale >= 1.0 else 1.0
+  f = np.float32
+  scale = f(n_in) / f(n_out)
+  support = scale if scale >= 1.0 else f(1)
+  invscale = f(1) / scale if scale >= 1.0 else f(1)
   max_taps = int(math.ceil(support)) * 2 + 1
   m = np.zeros((n_out, n_in))
   for i in range(n_out):
-    center = scale * (i + 0.5)
-    xmin = max(int(center - support + 0.5), 0)  # int() truncates toward zero, like C++
-    xsize = min(int(center + support + 0.5), n_in) - xmin
+    center = scale * (f(i) + f(0.5))
+    xmin = max(int(center - support + f(0.5)), 0)  # int() truncates toward zero, like C++
+    xsize = min(int(center + support + f(0.5)), n_in) - xmin
     xsize = min(max(xsize, 0), max_taps)
-    j = np.arange(xsize) + xmin
-    w = np.maximum(0.0, 1.0 - np.abs((j - center + 0.5) * invscale))
-    total = w.sum()
-    if total != 0.0:
+    j = np.arange(xmin, xmin + xsize)
+    w = np.maximum(f(0), f(1) - np.abs((j.astype(f) - center + f(0.5)) * invscale))
+    total = f(0)
+    for wj in w:  # sequential float32 sum
+      total = f(total + wj)
+    if total != 0:
       w = w / total
-    m[i, j] = w
+    m[i, j] = w.astype(np.float64)
   return m
 
 
