@@ -106,8 +106,11 @@ class SAM2Base(nnx.Module):
 
 
 def build_sam2(cfg: SAM2Config, *, dtype: layers.Dtype = None, seed: int = 0) -> SAM2Base:
-  """A randomly initialised model (use `qsam2_jax.checkpoint.load_sam2` for trained weights)."""
-  return SAM2Base(cfg, dtype=dtype, rngs=nnx.Rngs(seed))
+  """A randomly initialised model (use `qsam2_jax.checkpoint.load_sam2` for trained weights).
+
+  Initialisation runs as one jitted program: eagerly it is hundreds of tiny compiles.
+  """
+  return nnx.jit(lambda: SAM2Base(cfg, dtype=dtype, rngs=nnx.Rngs(seed)))()
 
 
 def abstract_sam2(cfg: SAM2Config, *, dtype: layers.Dtype = None) -> SAM2Base:

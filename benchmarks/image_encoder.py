@@ -1,0 +1,179 @@
+"""Image-encoder throughput: JAX (ours) vs the PyTorch `sam2` package, in the same run.
+
+  python -m benchmarks.image_encoder                       # GPU: t, b+, l; batch 1, 8; fp32, bf16
+  python -m benchmarks.image_encoder --sizes t --batches 1 --image-size 256 --iters 2 --repeats 1
+                                                          # a CPU smoke run
+
+Random weights (speed does not depend on them). Each cell is the median over `--repeats` timed
+loops of `--iters` forwards after warm-up; img/s = batch * iters / time. TFLOP/s uses SAM2's
+FLOPs per image at 1024² (2 per multiply-add, window padding included), scaled by
+(image_size/1024)² for other sizes. Prints a markdown table (and writes it with --out).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import platform
+import statistics
+import sys
+import time
+from typing import Callable, Dict, List, Optional, Sequence
+
+# FLOPs per image at 1024² from the issue (2 per multiply-add, window padding included).
+GFLOPS_1024 = {"t": 290.8, "b+": 645.1, "l": 1821.2}
+
+
+def _time(fn: Callable[[], object], sync: Callable[[object], None], iters: int,
+          repeats: int) -> float:
+  """Median seconds per `iters` calls."""
+  sync(fn())
+  sync(fn())
+  times = []
+  for _ in range(repeats):
+    t = time.perf_counter()
+    out = None
+    for _ in range(iters):
+      out = fn()
+    sync(out)
+    times.append(time.perf_counter() - t)
+  return statistics.median(times)
+
+
+def jax_runner(size: str, batch: int, dtype: str, image_size: int) -> Callable[[], object]:
+  import jax
+  import jax.numpy as jnp
+  from flax import nnx
+
+  from qsam2_jax.model.configs import get_config
+  from qsam2_jax.model.image_encoder import ImageEncoder
+
+  cfg = get_config(f"sam2.1_hiera_{size}", image_size=image_size)
+  compute = jnp.bfloat16 if dtype == "bf16" else jnp.float32
+  enc = ImageEncoder(cfg, dtype=compute, rngs=nnx.Rngs(0))
+  graphdef, state = nnx.split(enc)
+
+  @jax.jit
+  def fwd(state, x):
+    out = nnx.merge(graphdef, state)(x)
+    return out["vision_features"], out["backbone_fpn"]
+
+  x = jax.random.normal(jax.random.key(0), (batch, image_size, image_size, 3), compute)
+  return lambda: fwd(state, x)
+
+
+def torch_runner(size: str, batch: int, dtype: str, image_size: int, compiled: bool
+                 ) -> Callable[[], object]:
+  import torch
+
+  from convert.random_checkpoint import build_torch_sam2
+  from qsam2_jax.model.configs import get_config
+
+  device = "cuda" if torch.cuda.is_available() else "cpu"
+  cfg = get_config(f"sam2.1_hiera_{size}", image_size=image_size)
+  enc = build_torch_sam2(cfg, randomize=False).image_encoder.to(device).eval()
+  fwd = torch.compile(enc) if compiled else enc
+  x = torch.randn(batch, 3, image_size, image_size, device=device)
+  amp = torch.autocast(device, dtype=torch.bfloat16, enabled=(dtype == "bf16"))
+
+  def run():
+    with torch.inference_mode(), amp:
+      return fwd(x)["vision_features"]
+
+  return run
+
+
+def _sync_jax(out) -> None:
+  import jax
+  jax.block_until_ready(out)
+
+
+def _sync_torch(out) -> None:
+  import torch
+  if torch.cuda.is_available():
+    torch.cuda.synchronize()
+
+
+def environment() -> Dict[str, str]:
+  import jax
+  info = {"date": datetime.date.today().isoformat(), "python": platform.python_version(),
+          "jax": jax.__version__, "device": str(jax.devices()[0].device_kind)}
+  try:
+    import flax
+    import torch
+    info.update(flax=flax.__version__, torch=torch.__version__)
+    if torch.cuda.is_available():
+      info["torch_device"] = torch.cuda.get_device_name()
+  except ImportError:
+    pass
+  return info
+
+
+def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
+  p = argparse.ArgumentParser(prog="python -m benchmarks.image_encoder", description=__doc__,
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
+  p.add_argument("--sizes", default="t,b+,l")
+  p.add_argument("--batches", default="1,8")
+  p.add_argument("--dtypes", default="fp32,bf16")
+  p.add_argument("--image-size", type=int, default=1024)
+  p.add_argument("--iters", type=int, default=10)
+  p.add_argument("--repeats", type=int, default=3)
+  p.add_argument("--impls", default="jax,torch-eager,torch-compile",
+                 help="comma list of jax, torch-eager, torch-compile")
+  p.add_argument("--out", default=None, help="also write the markdown table here")
+  p.add_argument("--json", default=None, help="also write raw results as JSON here")
+  return p.parse_args(argv)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+  args = parse_args(argv)
+  sizes, dtypes = args.sizes.split(","), args.dtypes.split(",")
+  batches = [int(b) for b in args.batches.split(",")]
+  impls = args.impls.split(",")
+  rows: List[Dict[str, object]] = []
+  for size in sizes:
+    gflop = GFLOPS_1024.get(size, float("nan")) * (args.image_size / 1024) ** 2
+    for batch in batches:
+      for dtype in dtypes:
+        for impl in impls:
+          if impl == "jax":
+            fn, sync = jax_runner(size, batch, dtype, args.image_size), _sync_jax
+          else:
+            fn = torch_runner(size, batch, dtype, args.image_size, impl == "torch-compile")
+            sync = _sync_torch
+          t0 = time.perf_counter()
+          sec = _time(fn, sync, args.iters, args.repeats)
+          ips = batch * args.iters / sec
+          row = dict(size=size, batch=batch, dtype=dtype, impl=impl, img_s=round(ips, 2),
+                     tflops=round(ips * gflop / 1e3, 2),
+                     total_s=round(time.perf_counter() - t0, 1))
+          rows.append(row)
+          print(json.dumps(row), flush=True)
+  env = environment()
+  cmd = "python -m benchmarks.image_encoder " + " ".join(argv if argv is not None else sys.argv[1:])
+  lines = [f"Image encoder, {args.image_size}², img/s (TFLOP/s). {env}", f"Command: `{cmd}`", "",
+           "| model | batch | dtype | " + " | ".join(impls) + " |",
+           "|---|---|---|" + "---|" * len(impls)]
+  for size in sizes:
+    for batch in batches:
+      for dtype in dtypes:
+        cells = []
+        for impl in impls:
+          r = next(r for r in rows if (r["size"], r["batch"], r["dtype"], r["impl"])
+                   == (size, batch, dtype, impl))
+          cells.append(f"{r['img_s']} ({r['tflops']})")
+        lines.append(f"| {size} | {batch} | {dtype} | " + " | ".join(cells) + " |")
+  table = "\n".join(lines)
+  print(table)
+  if args.out:
+    with open(args.out, "w") as f:
+      f.write(table + "\n")
+  if args.json:
+    with open(args.json, "w") as f:
+      json.dump({"env": env, "rows": rows}, f, indent=1)
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())
