@@ -11,6 +11,7 @@ from typing import Dict, List, Optional, Tuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from qsam2_jax.model import layers
@@ -108,9 +109,27 @@ class SAM2Base(nnx.Module):
 def build_sam2(cfg: SAM2Config, *, dtype: layers.Dtype = None, seed: int = 0) -> SAM2Base:
   """A randomly initialised model (use `qsam2_jax.checkpoint.load_sam2` for trained weights).
 
-  Initialisation runs as one jitted program: eagerly it is hundreds of tiny compiles.
+  Values are drawn on the host with numpy (kernels ~ N(0, 1/fan_in), biases 0, norm scales 1,
+  other tensors ~ N(0, 0.02²)): compiling JAX's random initialisers for the whole model costs
+  tens of seconds on a CPU, and every real use starts from a checkpoint anyway.
   """
-  return nnx.jit(lambda: SAM2Base(cfg, dtype=dtype, rngs=nnx.Rngs(seed)))()
+  model = abstract_sam2(cfg, dtype=dtype)
+  rng = np.random.default_rng(seed)
+  for path, var in nnx.iter_graph(model):
+    if not isinstance(var, nnx.Variable) or not isinstance(var.get_value(), jax.ShapeDtypeStruct):
+      continue
+    shape, leaf = var.get_value().shape, path[-1]
+    if leaf == "bias":
+      value = np.zeros(shape, np.float32)
+    elif leaf == "scale":
+      value = np.ones(shape, np.float32)
+    elif leaf == "kernel":
+      fan_in = int(np.prod(shape[:-1])) if len(shape) != 4 or shape[-1] != 2 else shape[0]
+      value = rng.normal(0.0, fan_in ** -0.5, shape).astype(np.float32)
+    else:
+      value = (0.02 * rng.normal(size=shape)).astype(np.float32)
+    var.set_value(jnp.asarray(value))
+  return model
 
 
 def abstract_sam2(cfg: SAM2Config, *, dtype: layers.Dtype = None) -> SAM2Base:

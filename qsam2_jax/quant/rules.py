@@ -1,0 +1,190 @@
+"""Quantization rules on module paths, presets, and `quantize_model`.
+
+A rule is a regular expression matched (`re.fullmatch`) against a layer's dotted, PyTorch-style
+module path (`image_encoder.trunk.blocks.3.attn.qkv`); the first matching rule decides how
+the layer is quantized. Rules that matched no layer are reported, as are quantizable layers
+that no rule matched (they stay float).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import re
+from typing import Dict, List, NamedTuple, Optional, Sequence, Tuple
+
+from flax import nnx
+
+from qsam2_jax.quant.qlayers import QUANTIZED_LAYERS, QConv, QConvTranspose2x2, QLinear
+from qsam2_jax.quant.quantizers import QuantSpec
+
+log = logging.getLogger(__name__)
+
+# The image encoder's linear layers (Hiera trunk): the layers VRC re-fits.
+ENCODER_LINEARS = (r"image_encoder\.trunk\.blocks\.\d+\."
+                   r"(attn\.qkv|attn\.proj|mlp\.layers\.[01]|proj)")
+# Kept at `high_bits` by the `paper` preset [ours: common practice for first/last layers]: the
+# patch embedding, the decoder's output upscaling (transposed convs), both mask downsamplers
+# (memory encoder and prompt encoder, whole stacks), the 4x4 `mask_downsample` and the
+# ConvNeXt depthwise 7x7 convs of the memory fuser.
+PAPER_HIGH_PRECISION = (
+    r"image_encoder\.trunk\.patch_embed\.proj",
+    r"sam_mask_decoder\.output_upscaling\.\d+",
+    r"memory_encoder\.mask_downsampler\.encoder\.\d+",
+    r"sam_prompt_encoder\.mask_downscaling\.\d+",
+    r"mask_downsample",
+    r"memory_encoder\.fuser\.layers\.\d+\.dwconv",
+)
+# Weight quantizer of each rule method (PACT learns activation clips only; its weights use the
+# per-channel MSE range, recomputed every step).
+_WEIGHT_METHOD = {"lsc": "lsc", "lsq": "lsq", "pact": "mse", "minmax": "minmax", "mse": "mse"}
+
+
+@dataclasses.dataclass(frozen=True)
+class QuantRule:
+  """`pattern` -> how matching layers quantize their kernel and input (None: float)."""
+  pattern: str
+  weight: Optional[QuantSpec]
+  act: Optional[QuantSpec]
+
+
+def make_rule(pattern: str, weight_bits: Optional[int], act_bits: Optional[int], *,
+              method: str = "lsc", weight_granularity: str = "per_channel",
+              act_granularity: str = "per_tensor", act_signed: bool = True,
+              act_symmetric: Optional[bool] = None, restricted: bool = False,
+              **options) -> QuantRule:
+  """A rule from bit widths and a method, with the defaults of method.md §2.
+
+  Weights: signed, symmetric, per output channel. Inputs: signed asymmetric per tensor
+  (PACT: symmetric). `weight_bits=None` / `act_bits=None` keep that side float; both None
+  makes an exclusion rule. `options` (momentum, factor_momentum, grad_scale, search_points)
+  go to both specs.
+  """
+  weight = act = None
+  if weight_bits is not None:
+    weight = QuantSpec(bits=weight_bits, method=_WEIGHT_METHOD[method],
+                       granularity=weight_granularity, restricted=restricted, **options)
+  if act_bits is not None:
+    sym = (method == "pact") if act_symmetric is None else act_symmetric
+    act = QuantSpec(bits=act_bits, method=method, granularity=act_granularity,
+                    signed=act_signed, symmetric=sym, **options)
+  return QuantRule(pattern, weight, act)
+
+
+def preset_rules(name: str, bits: int, act_bits: Optional[int] = None, *, method: str = "lsc",
+                 high_bits: int = 8, **options) -> List[QuantRule]:
+  """`paper`: every Linear/Conv at W`bits`A`act_bits`, `PAPER_HIGH_PRECISION` at `high_bits`.
+
+  `encoder`: only the image encoder's trunk linears (`ENCODER_LINEARS`); the rest stays float.
+  `act_bits` defaults to `bits`; `options` go to `make_rule`.
+  """
+  act_bits = bits if act_bits is None else act_bits
+  if name == "paper":
+    high = [make_rule(p, high_bits, high_bits, method=method, **options)
+            for p in PAPER_HIGH_PRECISION]
+    return high + [make_rule(r".*", bits, act_bits, method=method, **options)]
+  if name == "encoder":
+    return [make_rule(ENCODER_LINEARS, bits, act_bits, method=method, **options)]
+  raise ValueError(f"unknown preset {name!r} (paper, encoder)")
+
+
+def module_path(path: Sequence) -> str:
+  """('a', 'blocks', 3, 'qkv') -> 'a.blocks.3.qkv' (the PyTorch module name)."""
+  return ".".join(str(p) for p in path)
+
+
+def get_child(model: nnx.Module, path: Sequence):
+  node = model
+  for key in path:
+    node = node[key] if isinstance(key, int) else getattr(node, key)
+  return node
+
+
+def set_child(model: nnx.Module, path: Sequence, new) -> None:
+  """Replaces the submodule at `path` (attribute or list slot) by `new`."""
+  parent = get_child(model, path[:-1])
+  key = path[-1]
+  if isinstance(key, int):
+    parent[key] = new
+  else:
+    setattr(parent, key, new)
+
+
+def find_layers(model: nnx.Module, types: Tuple[type, ...], pattern: Optional[str] = None
+                ) -> List[Tuple[Tuple, nnx.Module]]:
+  """(path, module) of every `types` instance whose dotted path fullmatches `pattern`."""
+  rx = re.compile(pattern) if pattern is not None else None
+  return [(tuple(p), n) for p, n in list(nnx.iter_graph(model))
+          if isinstance(n, types) and (rx is None or rx.fullmatch(module_path(p)))]
+
+
+class LayerQuant(NamedTuple):
+  """How one layer was quantized (bits None or 16: float)."""
+  layer_class: str
+  weight_bits: Optional[int]
+  act_bits: Optional[int]
+  weight_method: Optional[str]
+  act_method: Optional[str]
+  rule: str
+
+
+@dataclasses.dataclass
+class QuantReport:
+  """What `quantize_model` did.
+
+  Attributes:
+    layers: path -> `LayerQuant`.
+    float_layers: quantizable layers left float (no rule matched, or an exclusion rule).
+    unused_rules: patterns that matched no layer.
+  """
+  layers: Dict[str, LayerQuant] = dataclasses.field(default_factory=dict)
+  float_layers: List[str] = dataclasses.field(default_factory=list)
+  unused_rules: List[str] = dataclasses.field(default_factory=list)
+
+  def summary(self) -> str:
+    lines = [f"{len(self.layers)} quantized layers, {len(self.float_layers)} float"]
+    for name, (cls, wb, ab, wm, am, pat) in self.layers.items():
+      lines.append(f"  {name}: {cls} W{wb or 'f'}({wm}) A{ab or 'f'}({am})  [{pat}]")
+    if self.float_layers:
+      lines.append("  float: " + ", ".join(self.float_layers))
+    if self.unused_rules:
+      lines.append("  unused rules: " + ", ".join(self.unused_rules))
+    return "\n".join(lines)
+
+
+def quantize_model(model: nnx.Module, rules: Sequence[QuantRule]
+                   ) -> Tuple[nnx.Module, QuantReport]:
+  """Replaces matched layers by `QLinear` / `QConv` / `QConvTranspose2x2`, in place.
+
+  The quantized layers own the original kernel/bias Params (no copy), so the returned model is
+  `model` itself: `nnx.clone` it first to keep a float teacher. Weight factors are initialized
+  by an MSE search on the current kernels (run VRC before this, or `calibrate` after it).
+  Quantizers start in train mode (`set_mode`).
+  """
+  compiled = [(re.compile(r.pattern), r) for r in rules]
+  used = [0] * len(rules)
+  report = QuantReport()
+  base_types = tuple(b for b, _ in QUANTIZED_LAYERS)
+  quantized_types = (QLinear, QConv, QConvTranspose2x2)
+  for path, layer in find_layers(model, base_types):
+    if isinstance(layer, quantized_types):
+      continue
+    name = module_path(path)
+    rule = None
+    for i, (rx, r) in enumerate(compiled):
+      if rx.fullmatch(name):
+        used[i] += 1
+        rule = r
+        break
+    if rule is None or (rule.weight is None and rule.act is None):
+      report.float_layers.append(name)
+      continue
+    qcls = next(q for b, q in QUANTIZED_LAYERS if isinstance(layer, b))
+    set_child(model, path, qcls(layer, rule.weight, rule.act))
+    report.layers[name] = LayerQuant(
+        qcls.__name__, rule.weight and rule.weight.bits, rule.act and rule.act.bits,
+        rule.weight and rule.weight.method, rule.act and rule.act.method, rule.pattern)
+  report.unused_rules = [r.pattern for r, u in zip(rules, used) if u == 0]
+  if report.unused_rules:
+    log.warning("quantization rules that matched no layer: %s", report.unused_rules)
+  return model, report
