@@ -66,6 +66,20 @@ def detect_config(state_dict: Mapping[str, Any], source: str = "checkpoint",
   return configs.get_config(name, image_size=image_size)
 
 
+def abstract_model(cfg: configs.SAM2Config, *, quant: Optional[Dict[str, Any]] = None,
+                   dtype=None) -> SAM2Base:
+  """The (possibly quantized) model with shapes only: the target of a restore.
+
+  `quant` is a `QuantRecipe` dict as stored in checkpoint metadata; the quantized layers are
+  traced abstractly too, so nothing is computed.
+  """
+  if not quant:
+    return abstract_sam2(cfg, dtype=dtype)
+  from qsam2_jax.quant.recipe import QuantRecipe
+  recipe = QuantRecipe.from_dict(quant)
+  return nnx.eval_shape(lambda: recipe.apply(SAM2Base(cfg, dtype=dtype, rngs=nnx.Rngs(0)))[0])
+
+
 def model_from_state_dict(state_dict: Mapping[str, Any], cfg: configs.SAM2Config, *,
                           dtype=None, source: str = "checkpoint") -> SAM2Base:
   """Builds the model with the given PyTorch-layout weights (strict: every key, every shape)."""
@@ -186,7 +200,11 @@ def load_sam2(path: str | os.PathLike, *, config: Optional[str] = None, dtype=No
     meta = read_meta(path, step)
     cfg = configs.get_config(config or meta["config"],
                              image_size=image_size or meta.get("image_size"))
-    model = restore_state(path, abstract_sam2(cfg, dtype=dtype), step=meta["step"])
+    target = abstract_model(cfg, quant=meta.get("quant"), dtype=dtype)
+    model = restore_state(path, target, step=meta["step"])
+    if meta.get("quant"):
+      from qsam2_jax.quant import set_mode
+      set_mode(model, "eval")  # frozen statistics: restoring is for evaluation and export
     return model, cfg
   if not os.path.exists(path):
     raise CheckpointError(f"checkpoint not found: {path}")
