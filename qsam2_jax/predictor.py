@@ -199,3 +199,7 @@ class ImagePredictor:
     if out[0].shape[0] == 1:
       out = [o[0] for o in out]
     return tuple(out)
+
+
+# The video predictor lives in its own module; re-exported so both predictors import from here.
+from qsam2_jax.video_predictor import InferenceState, VideoPredictor  # noqa: E402,F401
