@@ -24,7 +24,8 @@ def _cli(*args):
                         timeout=600)
 
 
-@pytest.mark.parametrize("name", sorted(CONFIGS))
+@pytest.mark.parametrize("name", [
+    n if n.endswith("_t") else pytest.param(n, marks=pytest.mark.slow) for n in sorted(CONFIGS)])
 def test_keys_and_detection(name):
   """Our key set has the official count and detection recovers the config from shapes alone."""
   cfg = get_config(name)
