@@ -298,3 +298,10 @@ def global_batch(local_batch: Mapping[str, np.ndarray], mesh: Mesh) -> dict[str,
   sharding = batch_sharding(mesh)
   return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v))
           for k, v in local_batch.items()}
+
+
+def commit_to_device(tree, device=None):
+  """Places every array of `tree` on `device` (default: the first local one), committed."""
+  device = device or jax.local_devices()[0]
+  return jax.tree.map(lambda x: jax.device_put(x, device) if isinstance(x, jax.Array) else x,
+                      tree)

@@ -20,6 +20,7 @@ from qsam2_jax.errors import UserError
 from qsam2_jax.model.configs import SAM2Config
 from qsam2_jax.model.resize import resize_2d
 from qsam2_jax.model.sam2 import SAM2Base
+from qsam2_jax.parallel import commit_to_device
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -68,6 +69,9 @@ class ImagePredictor:
     self.model = model
     self.cfg: SAM2Config = model.cfg
     self._graphdef, self._state = nnx.split(model)
+    # Committed to one device, like every jitted output fed back in: jit's executable cache
+    # is keyed on committedness, so mixing the two would compile again.
+    self._state = commit_to_device(self._state)
     self._features = None
     self._orig_hw: Optional[Tuple[int, int]] = None
     # Per-instance jitted functions: one compile per input shape, none after.

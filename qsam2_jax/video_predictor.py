@@ -37,6 +37,7 @@ from qsam2_jax.model import tracking
 from qsam2_jax.model.configs import SAM2Config
 from qsam2_jax.model.resize import resize_2d
 from qsam2_jax.model.sam2 import SAM2Base
+from qsam2_jax.parallel import commit_to_device
 from qsam2_jax.video_io import load_video_frames, normalize_frame
 
 COND = "cond_frame_outputs"
@@ -148,6 +149,9 @@ class VideoPredictor:
     self.feature_cache_size = max(1, int(feature_cache_size))
     self.show_progress = show_progress
     self._graphdef, self._state = nnx.split(model)
+    # Committed to one device, like every jitted output fed back in: jit's executable cache
+    # is keyed on committedness, so mixing the two would compile again.
+    self._state = commit_to_device(self._state)
     self._cond_slots = 1  # conditioning-frame slots of the memory bank (grows, never shrinks)
     self._zeros: Dict[str, jax.Array] = {}
     # Incremented when a jitted function is traced (i.e. compiled): tests assert it stays flat.
@@ -247,7 +251,11 @@ class VideoPredictor:
   def _zero(self, name: str, shape: Tuple[int, ...], dtype) -> jax.Array:
     z = self._zeros.get(name)
     if z is None:
-      z = self._zeros[name] = jnp.zeros(shape, dtype)
+      # Committed to the model's device like the jitted outputs it stands in for: jit's cache
+      # key includes whether an argument is committed, so a plain jnp.zeros would recompile the
+      # step for every mix of real and placeholder bank slots.
+      z = self._zeros[name] = commit_to_device(jnp.zeros(shape, dtype),
+                                               jax.tree.leaves(self._state)[0].device)
     return z
 
   def _get_features(self, st: InferenceState, frame_idx: int) -> Tuple[jax.Array, ...]:

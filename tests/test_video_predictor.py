@@ -132,7 +132,11 @@ def _run_parity(tp, jp, video):
   assert got[:2] == want[:2] == (2, [1, 2])
   _compare("mask frame 2", got[2], want[2])
 
+  n_before = jp._step._cache_size()
   fwd, fwd_want = _propagate_both("forward", tp, ts, jp, js)
+  # Real compiles (not just traces): propagation adds exactly one executable, however the
+  # padded bank's slots are filled.
+  assert jp._step._cache_size() == n_before + 1
   assert [f for f, _, _ in fwd] == list(range(NUM_FRAMES))
   # The reference is not a constant: every object has both signs on every frame.
   for f, _, w in fwd_want:
@@ -143,6 +147,7 @@ def _run_parity(tp, jp, video):
   rev, _ = _propagate_both("reverse", tp, ts, jp, js, start_frame_idx=NUM_FRAMES - 1,
                            reverse=True)
   assert [f for f, _, _ in rev] == list(range(NUM_FRAMES - 1, -1, -1))
+  assert jp._step._cache_size() == n_before + 1
 
   # A correction click on a tracked frame (memory-conditioned, fed the previous logits).
   click = np.array([[(box[0] + box[2]) / 2, (box[1] + box[3]) / 2]], np.float32)

@@ -1,0 +1,305 @@
+"""Video propagation speed: JAX `VideoPredictor` vs PyTorch `SAM2VideoPredictor`, same run.
+
+  python -m benchmarks.video                    # GPU: t and b+, 1 and 3 objects, fp32 and bf16
+  python -m benchmarks.video --sizes t --image-size 256 --frames 4 --objects 1 --repeats 1
+                                                # a CPU smoke run
+
+Both sides get the same random weights (PyTorch's model with randomized constants, its state
+dict loaded into ours), the same synthetic JPEG video (`--frames` frames of `--video-size`,
+written once) and the same prompts: the first-frame masks of `--objects` objects via
+`add_new_mask`, as in semi-supervised VOS. The timed region is one `propagate_in_video` over
+the whole video, including the copy of every frame's video-resolution logits to the host (what
+an evaluation loop needs); prompts are re-added before each run, outside the timing. A warm-up
+run (compilation for JAX) comes first; frames/s is the median over `--repeats` runs.
+
+PyTorch runs as sam2's own scripts do: `build_sam2_video_predictor(..., device="cuda")`,
+`torch.inference_mode`, TF32 matmuls allowed, and for bf16 `torch.autocast(bfloat16)` around
+prompting and propagation. Its fp32 mode wraps `memory_attention` to upcast the bfloat16 memory
+bank (without autocast it would fail on the dtype mismatch; docs/sam2-port.md, two traps).
+Hole filling is off on both sides (sam2 needs its CUDA extension for it). `torch-vos` (opt-in)
+is sam2's `vos_optimized=True` predictor (torch.compile, max-autotune; needs CUDA and minutes).
+JAX: fp32 = default matmul precision, bf16 = bfloat16 compute with float32 parameters.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import io
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+# JAX and PyTorch share the GPU: JAX must not grab 75 % of its memory up front.
+os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+
+import numpy as np  # noqa: E402
+
+IMPLS = ("jax", "torch", "torch-vos")
+
+
+# ------------------------------------------------------------------------------------ the video
+
+
+def make_video(folder: str, num_frames: int, size: Tuple[int, int], max_objects: int,
+               seed: int = 0) -> Dict[int, np.ndarray]:
+  """Writes a synthetic JPEG video into `folder`; returns first-frame masks {obj id: (H, W)}.
+
+  Takes the first generated video with at least `max_objects` objects.
+  """
+  from PIL import Image
+
+  from qsam2_jax.data.synthetic import JPEG_QUALITY, synth_video
+  for index in range(1000):
+    video = synth_video(seed, index, num_frames, size)
+    ids = [int(i) for i in np.unique(video.labels[0]) if i]
+    if len(ids) >= max_objects:
+      break
+  else:
+    raise RuntimeError(f"no synthetic video with {max_objects} objects")
+  os.makedirs(folder, exist_ok=True)
+  for t in range(num_frames):
+    Image.fromarray(video.frames[t]).save(os.path.join(folder, f"{t:05d}.jpg"),
+                                          quality=JPEG_QUALITY)
+  return {i: video.labels[0] == i for i in ids}
+
+
+# ------------------------------------------------------------------------------------ runners
+
+
+class Runner:
+  """One predictor on one video: `prompt(masks)` resets and adds the masks on frame 0,
+  `propagate()` tracks them through the video and returns the number of frames."""
+
+  def prompt(self, masks: Dict[int, np.ndarray]) -> None:
+    raise NotImplementedError
+
+  def propagate(self) -> int:
+    raise NotImplementedError
+
+
+class JaxRunner(Runner):
+
+  def __init__(self, state_dict: Dict[str, np.ndarray], cfg: Any, dtype: str, video_dir: str):
+    import jax.numpy as jnp
+
+    from qsam2_jax.checkpoint import model_from_state_dict
+    from qsam2_jax.video_predictor import VideoPredictor
+    model = model_from_state_dict(state_dict, cfg,
+                                  dtype=jnp.bfloat16 if dtype == "bf16" else None)
+    self.predictor = VideoPredictor(model, fill_hole_area=0, show_progress=False)
+    self.state = self.predictor.init_state(video_dir)
+
+  def prompt(self, masks: Dict[int, np.ndarray]) -> None:
+    self.predictor.reset_state(self.state)
+    for obj, m in masks.items():
+      self.predictor.add_new_mask(self.state, 0, obj, m)
+
+  def propagate(self) -> int:
+    n = 0
+    for _ in self.predictor.propagate_in_video(self.state):  # logits arrive as host numpy
+      n += 1
+    return n
+
+
+class TorchRunner(Runner):
+
+  def __init__(self, model: Any, dtype: str, video_dir: str):
+    import torch
+    self.torch = torch
+    self.model = model
+    self.device = next(model.parameters()).device.type
+    self.autocast = torch.autocast(self.device, dtype=torch.bfloat16, enabled=dtype == "bf16")
+    self._forward = model.memory_attention.forward
+    if dtype == "fp32":  # bf16 memories into fp32 linears (docs/sam2-port.md, two traps)
+      forward = self._forward
+
+      def upcast(*args, memory=None, **kwargs):
+        return forward(*args, memory=memory.float(), **kwargs)
+
+      model.memory_attention.forward = upcast
+    with torch.inference_mode(), self.autocast, _quiet():
+      self.state = model.init_state(video_dir)
+
+  def close(self) -> None:
+    self.model.memory_attention.forward = self._forward
+
+  def _sync(self) -> None:
+    if self.device == "cuda":
+      self.torch.cuda.synchronize()
+
+  def prompt(self, masks: Dict[int, np.ndarray]) -> None:
+    with self.torch.inference_mode(), self.autocast:
+      self.model.reset_state(self.state)
+      for obj, m in masks.items():
+        self.model.add_new_mask(self.state, 0, obj, m)
+    self._sync()
+
+  def propagate(self) -> int:
+    n = 0
+    with self.torch.inference_mode(), self.autocast, _quiet():
+      for _, _, logits in self.model.propagate_in_video(self.state):
+        logits.cpu()  # the host copy an evaluation makes (JAX's predictor yields numpy)
+        n += 1
+    self._sync()
+    return n
+
+
+def _quiet() -> contextlib.AbstractContextManager:
+  """Hides sam2's progress bars (they cannot be turned off there), not its exceptions."""
+  return contextlib.redirect_stderr(io.StringIO())
+
+
+def time_runner(runner: Runner, masks: Dict[int, np.ndarray], repeats: int
+                ) -> Tuple[float, float, int]:
+  """(warm-up seconds, median seconds per propagation, frames)."""
+  runner.prompt(masks)
+  t = time.perf_counter()
+  frames = runner.propagate()
+  first = time.perf_counter() - t
+  times = []
+  for _ in range(repeats):
+    runner.prompt(masks)
+    t = time.perf_counter()
+    runner.propagate()
+    times.append(time.perf_counter() - t)
+  return first, statistics.median(times), frames
+
+
+def torch_models(cfg: Any, impls: Sequence[str], seed: int) -> Tuple[Dict[str, Any],
+                                                                      Dict[str, np.ndarray]]:
+  """The PyTorch predictors to time and the numpy state dict they share with JAX."""
+  import torch
+
+  from convert.random_checkpoint import build_torch_sam2
+  device = "cuda" if torch.cuda.is_available() else "cpu"
+  if device == "cuda":  # as sam2's benchmark.py
+    torch.backends.cuda.matmul.allow_tf32 = True
+    torch.backends.cudnn.allow_tf32 = True
+  eager = build_torch_sam2(cfg, seed=seed, video=True)
+  state_dict = {k: v.detach().cpu().numpy() for k, v in eager.state_dict().items()}
+  models = {}
+  if "torch" in impls:
+    models["torch"] = eager.to(device)
+  if "torch-vos" in impls:
+    if device != "cuda":
+      raise SystemExit("torch-vos needs CUDA (torch.compile with max-autotune)")
+    from sam2.build_sam import build_sam2_video_predictor
+    vos = build_sam2_video_predictor(cfg.torch_yaml, ckpt_path=None, device=device,
+                                     vos_optimized=True,
+                                     hydra_overrides_extra=[f"++model.image_size={cfg.image_size}"])
+    vos.load_state_dict(eager.state_dict())
+    vos.fill_hole_area = 0
+    models["torch-vos"] = vos.eval()
+  return models, state_dict
+
+
+# ------------------------------------------------------------------------------------ command
+
+
+def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
+  p = argparse.ArgumentParser(prog="python -m benchmarks.video", description=__doc__,
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
+  p.add_argument("--sizes", default="t,b+", help="comma list of t, s, b+, l")
+  p.add_argument("--objects", default="1,3", help="comma list of object counts")
+  p.add_argument("--dtypes", default="fp32,bf16")
+  p.add_argument("--impls", default="jax,torch", help=f"comma list of {', '.join(IMPLS)}")
+  p.add_argument("--image-size", type=int, default=1024)
+  p.add_argument("--frames", type=int, default=32)
+  p.add_argument("--video-size", type=int, nargs=2, default=(480, 854), metavar=("H", "W"),
+                 help="original frame size (default: DAVIS' 480x854)")
+  p.add_argument("--repeats", type=int, default=3)
+  p.add_argument("--seed", type=int, default=0)
+  p.add_argument("--out", default=None, help="also write the markdown table here")
+  p.add_argument("--json", default=None, help="also write raw results as JSON here")
+  return p.parse_args(argv)
+
+
+def _table(rows: List[Dict[str, Any]], args: argparse.Namespace, sizes: Sequence[str],
+           objects: Sequence[int], dtypes: Sequence[str], impls: Sequence[str],
+           env: Dict[str, str], cmd: str) -> str:
+  ratios = [i for i in impls if i.startswith("torch")] if "jax" in impls else []
+  lines = [f"Video propagation, model input {args.image_size}², {args.frames} frames of "
+           f"{args.video_size[0]}x{args.video_size[1]}, frames/s (median of {args.repeats}; "
+           f"warm-up run in seconds in brackets). {env}", f"Command: `{cmd}`", "",
+           "| model | objects | dtype | " + " | ".join(impls)
+           + "".join(f" | jax / {r}" for r in ratios) + " |",
+           "|---|---|---|" + "---|" * (len(impls) + len(ratios))]
+  for size in sizes:
+    for k in objects:
+      for dtype in dtypes:
+        cell = {r["impl"]: r for r in rows if (r["size"], r["objects"], r["dtype"])
+                == (size, k, dtype)}
+        cells = [f"{cell[i]['fps']} ({cell[i]['first_s']})" if i in cell else "-" for i in impls]
+        cells += [f"{cell['jax']['fps'] / cell[r]['fps']:.2f}×" if "jax" in cell and r in cell
+                  else "-" for r in ratios]
+        lines.append(f"| {size} | {k} | {dtype} | " + " | ".join(cells) + " |")
+  return "\n".join(lines)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+  args = parse_args(argv)
+  sizes, dtypes, impls = args.sizes.split(","), args.dtypes.split(","), args.impls.split(",")
+  objects = [int(k) for k in args.objects.split(",")]
+  unknown = sorted(set(impls) - set(IMPLS))
+  if unknown:
+    raise SystemExit(f"unknown --impls {unknown}; choose from {IMPLS}")
+  from benchmarks.image_encoder import environment
+  from qsam2_jax.model.configs import get_config
+
+  rows: List[Dict[str, Any]] = []
+  with tempfile.TemporaryDirectory() as tmp:
+    video_dir = os.path.join(tmp, "video")
+    all_masks = make_video(video_dir, args.frames, tuple(args.video_size), max(objects),
+                           args.seed)
+    for size in sizes:
+      cfg = get_config(f"sam2.1_hiera_{size}", image_size=args.image_size)
+      models, state_dict = torch_models(cfg, impls, args.seed)
+      for dtype in dtypes:
+        for impl in impls:
+          runner: Runner = (JaxRunner(state_dict, cfg, dtype, video_dir) if impl == "jax"
+                            else TorchRunner(models[impl], dtype, video_dir))
+          for k in objects:
+            masks = dict(list(all_masks.items())[:k])
+            first, sec, frames = time_runner(runner, masks, args.repeats)
+            row = dict(size=size, objects=k, dtype=dtype, impl=impl,
+                       fps=round(frames / sec, 2), ms_per_frame=round(1e3 * sec / frames, 2),
+                       first_s=round(first, 1))
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+          if isinstance(runner, TorchRunner):
+            runner.close()
+          del runner
+          _free_memory()
+      del models
+      _free_memory()
+  env = environment()
+  cmd = "python -m benchmarks.video " + " ".join(argv if argv is not None else sys.argv[1:])
+  table = _table(rows, args, sizes, objects, dtypes, impls, env, cmd)
+  print(table)
+  if args.out:
+    with open(args.out, "w") as f:
+      f.write(table + "\n")
+  if args.json:
+    with open(args.json, "w") as f:
+      json.dump({"env": env, "command": cmd, "rows": rows}, f, indent=1)
+  return 0
+
+
+def _free_memory() -> None:
+  import gc
+  gc.collect()
+  try:
+    import torch
+    if torch.cuda.is_available():
+      torch.cuda.empty_cache()
+  except ImportError:
+    pass
+
+
+if __name__ == "__main__":
+  sys.exit(main())
