@@ -86,10 +86,9 @@ def test_w4_weight_only_export_matches_pytorch(weights, torch_t256, tmp_path):
   from sam2.sam2_image_predictor import SAM2ImagePredictor
 
   cfg, sd = weights
-  # Weight-only: the paper preset's high-precision layers (patch embedding, upscaling, mask
-  # downsamplers) quantize their inputs at `high_bits` even when act_bits=16, which PyTorch
-  # cannot reproduce; with high_bits=16 they stay float and every other layer is W4A16.
-  recipe = QuantRecipe(bits=4, act_bits=16, preset="paper", high_bits=16)
+  # Weight-only W4 with the paper preset: 4-bit weights, 8-bit for the high-precision layers,
+  # every activation float (act_bits=16), which PyTorch on dequantized weights reproduces.
+  recipe = QuantRecipe(bits=4, act_bits=16, preset="paper")
   model = quantized_model(sd, cfg, recipe, 1)
   ckpt = checkpoint.save_model(tmp_path / "w4", model, _meta(cfg, recipe))
   pt = tmp_path / "w4.pt"
@@ -124,13 +123,13 @@ def test_w4_weight_only_export_matches_pytorch(weights, torch_t256, tmp_path):
 def w2(weights, tmp_path_factory):
   """W2 with the paper preset, saved *sharded over the 8 fake devices* (fsdp=8).
 
-  `--bits 2 --act-bits 16`: 2-bit weights, 8-bit for the preset's high-precision layers, whose
-  inputs stay 8-bit quantized (activation-quantizer state to carry). Activations elsewhere are
+  2-bit weights, 8-bit for the preset's high-precision layers, whose inputs stay 8-bit
+  quantized (`high_act_bits=8`) (activation-quantizer state to carry). Activations elsewhere are
   float: two compiled graphs may differ in the last bit, and low-bit activation codes turn such
   differences into code flips that a random-weight model amplifies (see the report).
   """
   cfg, sd = weights
-  recipe = QuantRecipe(bits=2, act_bits=16, preset="paper")
+  recipe = QuantRecipe(bits=2, act_bits=16, high_act_bits=8, preset="paper")
   model = quantized_model(sd, cfg, recipe, 2)
   mesh = parallel.make_mesh("data=1,fsdp=8")
   nnx.update(model, parallel.shard_state(nnx.state(model), mesh))

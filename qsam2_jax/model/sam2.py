@@ -7,7 +7,7 @@ the same submodules.
 
 from __future__ import annotations
 
-from typing import Dict, List, Optional, Tuple
+from typing import Callable, Dict, List, Optional, Tuple
 
 import jax
 import jax.numpy as jnp
@@ -132,6 +132,26 @@ def build_sam2(cfg: SAM2Config, *, dtype: layers.Dtype = None, seed: int = 0) ->
   return model
 
 
-def abstract_sam2(cfg: SAM2Config, *, dtype: layers.Dtype = None) -> SAM2Base:
-  """The model with shapes only (no memory, no compute): the target to load weights into."""
-  return nnx.eval_shape(lambda: SAM2Base(cfg, dtype=dtype, rngs=nnx.Rngs(0)))
+class _ShapeOnlyRngs:
+  """Stands in for `nnx.Rngs` when only shapes are wanted.
+
+  Under `nnx.eval_shape`, every draw from a real `Rngs` updates its counter with a tracer, and
+  flax 0.12 then asks the tracer for its sharding, which builds an error message by walking
+  the whole trace: 90 % of an abstract build. A fixed key has no state to update.
+  """
+
+  def __getattr__(self, name: str):
+    return self
+
+  def __call__(self) -> jax.Array:
+    return jax.random.key(0)
+
+
+def abstract_sam2(cfg: SAM2Config, *, dtype: layers.Dtype = None,
+                  transform: Optional[Callable[[SAM2Base], nnx.Module]] = None) -> SAM2Base:
+  """The model with shapes only (no memory, no compute): the target to load weights into.
+
+  `transform` (e.g. quantization) is applied to the model inside the same abstract trace.
+  """
+  transform = transform or (lambda m: m)
+  return nnx.eval_shape(lambda: transform(SAM2Base(cfg, dtype=dtype, rngs=_ShapeOnlyRngs())))

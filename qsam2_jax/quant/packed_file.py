@@ -384,15 +384,14 @@ def packed_model(cfg, recipe: Optional[Dict[str, Any]], *, dtype=None) -> nnx.Mo
   the weight quantizers also skips their initialisation, the slow part of building a quantized
   model.
   """
-  from qsam2_jax.model.sam2 import SAM2Base, abstract_sam2
+  from qsam2_jax.model.sam2 import abstract_sam2
   if not recipe:
     return abstract_sam2(cfg, dtype=dtype)
   from qsam2_jax.quant.recipe import QuantRecipe
   from qsam2_jax.quant.rules import quantize_model
   rules = [dataclasses.replace(r, weight=None, act=None if r.act is None or r.act.passthrough
                                else r.act) for r in QuantRecipe.from_dict(recipe).rules()]
-  return nnx.eval_shape(
-      lambda: quantize_model(SAM2Base(cfg, dtype=dtype, rngs=nnx.Rngs(0)), rules)[0])
+  return abstract_sam2(cfg, dtype=dtype, transform=lambda m: quantize_model(m, rules)[0])
 
 
 def load(path: str | os.PathLike, *, config: Optional[str] = None, dtype=None,

@@ -28,6 +28,7 @@ class QuantRecipe:
   method: str = "lsc"
   preset: str = "paper"
   high_bits: int = 8
+  high_act_bits: Optional[int] = None  # None: `high_bits`, or 16 in weight-only recipes
 
   def __post_init__(self):
     if self.bits not in BITS:
@@ -49,7 +50,7 @@ class QuantRecipe:
 
   def rules(self):
     return preset_rules(self.preset, self.bits, self.effective_act_bits, method=self.method,
-                        high_bits=self.high_bits)
+                        high_bits=self.high_bits, high_act_bits=self.high_act_bits)
 
   def apply(self, model: nnx.Module) -> Tuple[nnx.Module, QuantReport]:
     """Quantizes `model` in place (clone it first to keep a float copy)."""

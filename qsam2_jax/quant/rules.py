@@ -15,6 +15,7 @@ from typing import Dict, List, NamedTuple, Optional, Sequence, Tuple
 
 from flax import nnx
 
+from qsam2_jax.quant.core import PASSTHROUGH_BITS
 from qsam2_jax.quant.qlayers import QUANTIZED_LAYERS, QConv, QConvTranspose2x2, QLinear
 from qsam2_jax.quant.quantizers import QuantSpec
 
@@ -72,15 +73,21 @@ def make_rule(pattern: str, weight_bits: Optional[int], act_bits: Optional[int],
 
 
 def preset_rules(name: str, bits: int, act_bits: Optional[int] = None, *, method: str = "lsc",
-                 high_bits: int = 8, **options) -> List[QuantRule]:
+                 high_bits: int = 8, high_act_bits: Optional[int] = None, **options
+                 ) -> List[QuantRule]:
   """`paper`: every Linear/Conv at W`bits`A`act_bits`, `PAPER_HIGH_PRECISION` at `high_bits`.
 
   `encoder`: only the image encoder's trunk linears (`ENCODER_LINEARS`); the rest stays float.
-  `act_bits` defaults to `bits`; `options` go to `make_rule`.
+  `act_bits` defaults to `bits`; `options` go to `make_rule`. The high-precision layers'
+  activations default to `high_bits`, except in weight-only recipes (`act_bits` 16), where
+  every activation stays float.
   """
   act_bits = bits if act_bits is None else act_bits
   if name == "paper":
-    high = [make_rule(p, high_bits, high_bits, method=method, **options)
+    high_act = high_act_bits
+    if high_act is None:
+      high_act = PASSTHROUGH_BITS if act_bits >= PASSTHROUGH_BITS else high_bits
+    high = [make_rule(p, high_bits, high_act, method=method, **options)
             for p in PAPER_HIGH_PRECISION]
     return high + [make_rule(r".*", bits, act_bits, method=method, **options)]
   if name == "encoder":
