@@ -77,7 +77,7 @@ def abstract_model(cfg: configs.SAM2Config, *, quant: Optional[Dict[str, Any]] =
     return abstract_sam2(cfg, dtype=dtype)
   from qsam2_jax.quant.recipe import QuantRecipe
   recipe = QuantRecipe.from_dict(quant)
-  return nnx.eval_shape(lambda: recipe.apply(SAM2Base(cfg, dtype=dtype, rngs=nnx.Rngs(0)))[0])
+  return abstract_sam2(cfg, dtype=dtype, transform=lambda m: recipe.apply(m)[0])
 
 
 def model_from_state_dict(state_dict: Mapping[str, Any], cfg: configs.SAM2Config, *,
@@ -186,10 +186,10 @@ def restore_state(directory: str | os.PathLike, target: nnx.Module, *, step: Opt
 def load_sam2(path: str | os.PathLike, *, config: Optional[str] = None, dtype=None,
               image_size: Optional[int] = None, step: Optional[int] = None
               ) -> Tuple[SAM2Base, configs.SAM2Config]:
-  """Loads an official `.pt` file or an Orbax directory written by this project.
+  """Loads an official `.pt` file, a packed low-bit file or an Orbax directory of this project.
 
   Args:
-    path: `.pt` file or checkpoint directory.
+    path: `.pt` file, packed file (`qsam2_jax.quant.packed_file`) or checkpoint directory.
     config: config name; detected from the checkpoint when None.
     dtype: compute dtype (e.g. jnp.bfloat16); parameters stay float32.
     image_size: model input size (default: the checkpoint's, 1024 for official files).
@@ -208,7 +208,98 @@ def load_sam2(path: str | os.PathLike, *, config: Optional[str] = None, dtype=No
     return model, cfg
   if not os.path.exists(path):
     raise CheckpointError(f"checkpoint not found: {path}")
+  from qsam2_jax.quant import packed_file  # late, like the recipe: float paths skip quant
+  if packed_file.is_packed_file(path):
+    return packed_file.load(path, config=config, dtype=dtype, image_size=image_size)
   sd = read_torch_state_dict(path)
   cfg = (configs.get_config(config, image_size=image_size) if config
          else detect_config(sd, path, image_size))
   return model_from_state_dict(sd, cfg, dtype=dtype, source=path), cfg
+
+
+# ---------------------------------------------------------------------------- training runs
+
+
+class RunCheckpointer:
+  """Checkpoints of a training run: `<dir>/<step>/{model, opt, train, data, meta}`.
+
+  An Orbax `CheckpointManager`: a save blocks only for the device-to-host copy and writes in the
+  background (so the caller may donate the state right after `save` returns); the last `keep`
+  steps are kept; a step becomes visible only once all its items are committed (written under a
+  temporary name, then renamed), so a killed run leaves its earlier checkpoints intact.
+  `load_sam2(dir)` reads the `model` and `meta` items like any model checkpoint of this project.
+
+  Items: `model` (the whole NNX state: weights, clip factors, quantizer statistics), `opt`
+  (optimizer state), `train` (small arrays such as the RNG key), `data` (any Orbax argument,
+  e.g. a Grain iterator's) and `meta` (JSON; must hold `config` and `image_size`, and `quant`
+  for quantized models). Every process of a multi-process run calls `save` and `restore`.
+  """
+
+  def __init__(self, directory: str | os.PathLike, *, keep: Optional[int] = 3,
+               async_save: bool = True):
+    self.directory = os.path.abspath(os.fspath(directory))
+    opts = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
+                                        enable_async_checkpointing=async_save)
+    self._mngr = ocp.CheckpointManager(self.directory, options=opts)
+
+  def latest_step(self) -> Optional[int]:
+    """The newest complete step, or None."""
+    return self._mngr.latest_step()
+
+  def all_steps(self) -> list:
+    return sorted(self._mngr.all_steps())
+
+  def save(self, step: int, *, model: Any, meta: Dict[str, Any], opt: Any = None,
+           train: Any = None, data: Any = None) -> bool:
+    """Starts saving `step` (returns once the arrays are copied to the host).
+
+    `model`, `opt`, `train`: pytrees of arrays (e.g. `nnx.state(model)`); `data`: an Orbax
+    save argument such as `grain.checkpoint.CheckpointSave(iterator)`.
+    """
+    args = {"model": ocp.args.StandardSave(model),
+            "meta": ocp.args.JsonSave({"format": FORMAT, **meta, "step": int(step)})}
+    for name, tree in (("opt", opt), ("train", train)):
+      if tree is not None:
+        args[name] = ocp.args.StandardSave(tree)
+    if data is not None:
+      args["data"] = data
+    return self._mngr.save(int(step), args=ocp.args.Composite(**args), force=True)
+
+  def restore(self, step: Optional[int] = None, *, model: Any, opt: Any = None,
+              train: Any = None, data: Any = None) -> Dict[str, Any]:
+    """Restores `step` (default: the latest) into abstract targets.
+
+    `model`, `opt`, `train`: pytrees of `jax.ShapeDtypeStruct`s carrying the shardings of the
+    *current* mesh (`parallel.abstract_with_shardings`), so a run saved on one topology resumes
+    on another; `data`: an Orbax restore argument (a Grain iterator is restored in place).
+    Returns item name -> restored value, plus `meta`.
+    """
+    step = self.latest_step() if step is None else int(step)
+    if step is None:
+      raise CheckpointError(f"{self.directory} holds no complete checkpoint to resume from")
+    args = {"model": ocp.args.StandardRestore(model), "meta": ocp.args.JsonRestore()}
+    for name, tree in (("opt", opt), ("train", train)):
+      if tree is not None:
+        args[name] = ocp.args.StandardRestore(tree)
+    if data is not None:
+      args["data"] = data
+    try:
+      out = self._mngr.restore(step, args=ocp.args.Composite(**args))
+    except Exception as e:  # noqa: BLE001 - Orbax raises many types for a broken directory
+      raise CheckpointError(f"{self.directory} step {step}: cannot restore the run state "
+                            f"({type(e).__name__}: {e})") from e
+    return {name: out[name] for name in args}
+
+  def wait(self) -> None:
+    """Blocks until pending saves are committed."""
+    self._mngr.wait_until_finished()
+
+  def close(self) -> None:
+    self._mngr.wait_until_finished()
+    self._mngr.close()
+
+  def __enter__(self) -> "RunCheckpointer":
+    return self
+
+  def __exit__(self, *exc) -> None:
+    self.close()
