@@ -89,11 +89,11 @@ def _quad(a, gram):
   return jnp.sum(a * jnp.matmul(gram, a, precision=HI))
 
 
-def _evaluate(kernel, gram, lam0s, scale, bits, search_points):
-  """Errors of K_hat(lam0 * scale) for every lam0 (one eigh). Relative to ||X K||."""
+def _evaluate(kernel, gram, lam0s, scale, bits, search_points, eig=None):
+  """Errors of K_hat(lam0 * scale) for every lam0 (one eigh, or `eig`). Relative to ||X K||."""
   kernel = kernel.astype(jnp.float32)
   gram = gram.astype(jnp.float32)
-  s, u = _eig(gram)
+  s, u = _eig(gram) if eig is None else eig
   ref = jnp.maximum(_quad(kernel, gram), 1e-30)
   quant = functools.partial(fq.mse_quantize_symmetric, bits=bits, axis=-1,
                             num_points=search_points) if bits else None
@@ -115,11 +115,12 @@ def _solve_group(kernels, grams, lam0s, *, bits, search_points, lam_mode, auto):
   """vmapped over layers of one shape: the chosen lam0 per layer, K_hat and its errors."""
   def layer(kernel, gram):
     scale = lambda_scale(gram.astype(jnp.float32), lam_mode)
-    ev = _evaluate(kernel, gram, lam0s, scale, bits, search_points)
+    g32 = gram.astype(jnp.float32)
+    eig = _eig(g32)   # one eigh per layer serves the sweep and the final solve
+    ev = _evaluate(kernel, g32, lam0s, scale, bits, search_points, eig)
     i = jnp.argmin(ev["q_err"]) if auto else 0
     lam0 = lam0s[i]
-    g32 = gram.astype(jnp.float32)
-    k_hat = _refit_eig(kernel.astype(jnp.float32), *_eig(g32), lam0 * scale, g32)
+    k_hat = _refit_eig(kernel.astype(jnp.float32), *eig, lam0 * scale, g32)
     chosen = {k: v[i] for k, v in ev.items()}
     return dict(chosen, lam0=lam0, lam=lam0 * scale, kernel=k_hat, sweep_q_err=ev["q_err"])
   return jax.vmap(layer)(kernels, grams)

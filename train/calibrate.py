@@ -1,0 +1,231 @@
+"""Variance-Reduced Calibration (VRC) of a SAM2 checkpoint: re-fit the image encoder's linears.
+
+  python -m train.calibrate --out runs/vrc                       # embedded random SAM2.1-t, 256²
+  python -m train.calibrate --init ckpt/fp --data /data/coco/val2017.json --images 16 \\
+      --lambda auto --bits 2 --out runs/vrc
+
+For every linear layer of the Hiera trunk, the second moment S = XᵀX/n of its inputs over the
+calibration images is collected in one jitted pass per batch, and the kernel is replaced by the
+ridge solution (S + λI)⁻¹ S W (bias unchanged), which keeps the outputs and lowers the weights'
+variance (method.md §1). λ = λ0·trace(S)/d_in (relative, default λ0 = 3e-3) or λ0 (absolute);
+`--lambda auto` picks λ0 per layer minimizing the W`--bits` quantized output error.
+
+Writes into --out an Orbax checkpoint (meta kind "calibrated", with a "vrc" summary) that every
+command loads with --init, and vrc_report.json, vrc_layers.csv, vrc_std.png (weight histograms and
+per-block std reduction, paper Fig. 3), vrc_lambda.png (errors against λ for one layer, paper
+Fig. 5) and errors.json. Prints per-layer and end-to-end output errors against the input model,
+measured on --eval-images images held out from the calibration set.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import sys
+from typing import Any, Dict, Optional, Sequence, Tuple
+
+import numpy as np
+
+from qsam2_jax.errors import UserError, report_user_errors
+
+BITS = (2, 3, 4, 8)
+
+
+class ArgumentParser(argparse.ArgumentParser):
+  """argparse whose errors are one `error: ...` line (exit 2) via `report_user_errors`."""
+
+  def error(self, message: str):
+    raise UserError(f"{message} (see --help)")
+
+
+def parse_lambda(text: str):
+  """'auto' or a non-negative float."""
+  if text == "auto":
+    return "auto"
+  try:
+    value = float(text)
+  except ValueError:
+    raise argparse.ArgumentTypeError(f"expected a number or 'auto', got {text!r}") from None
+  if not np.isfinite(value) or value < 0:
+    raise argparse.ArgumentTypeError(f"must be a non-negative number or 'auto', got {text!r}")
+  return value
+
+
+def positive_int(text: str) -> int:
+  try:
+    value = int(text)
+  except ValueError:
+    raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+  if value < 1:
+    raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+  return value
+
+
+def nonnegative_int(text: str) -> int:
+  try:
+    value = int(text)
+  except ValueError:
+    raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+  if value < 0:
+    raise argparse.ArgumentTypeError(f"must be at least 0, got {value}")
+  return value
+
+
+def add_common_args(p: argparse.ArgumentParser) -> None:
+  """Flags shared by `train.calibrate` and `train.ptq`."""
+  p.add_argument("--init", default=None,
+                 help="float checkpoint: Orbax directory or official .pt (default: the embedded "
+                      "random-weight SAM2.1-t)")
+  p.add_argument("--out", required=True, help="output Orbax checkpoint directory")
+  p.add_argument("--data", default=None,
+                 help="calibration images: COCO JSON, folder with annotations.json, or SA-1B "
+                      "folder (default: the embedded synthetic dataset)")
+  p.add_argument("--images", type=positive_int, default=16,
+                 help="number of calibration images (default 16)")
+  p.add_argument("--eval-images", type=nonnegative_int, default=8,
+                 help="images held out from calibration to measure the output errors on "
+                      "(default 8; 0: measure on the calibration images)")
+  p.add_argument("--image-size", type=positive_int, default=None,
+                 help="model input size (default: the checkpoint's; 256 for the embedded one)")
+  p.add_argument("--seed", type=int, default=0,
+                 help="seed of the image selection and of the measurement prompts")
+  p.add_argument("--batch-size", type=positive_int, default=4, help="images per forward")
+  p.add_argument("--lambda", dest="lam", type=parse_lambda, default=None,
+                 help="VRC lambda_0, or 'auto' (per layer, minimizing the quantized output "
+                      "error at --bits) (default 3e-3)")
+  p.add_argument("--lambda-mode", choices=("relative", "absolute"), default="relative",
+                 help="relative: lambda = lambda_0 * trace(S) / d_in (default); absolute: "
+                      "lambda = lambda_0")
+  p.add_argument("--min-tokens-per-dim", type=float, default=1.0,
+                 help="VRC leaves a layer unchanged when its inputs over the calibration "
+                      "images have fewer rows than this times its input dimension (singular "
+                      "Gram matrix) (default 1; 0: re-fit every layer)")
+  p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+  p.add_argument("--quiet", action="store_true", help="no progress bars or per-layer tables")
+
+
+def check_paths(args: argparse.Namespace) -> None:
+  """Fails fast, before anything is loaded, on paths that cannot work."""
+  if os.path.exists(args.out) and not args.overwrite:
+    raise UserError(f"{args.out} already exists (pass --overwrite to replace it)")
+  if args.init is not None and not os.path.exists(args.init):
+    raise UserError(f"checkpoint not found: {args.init}")
+  if args.data is not None and not os.path.exists(args.data):
+    raise UserError(f"data path {args.data} does not exist")
+
+
+def load_float_model(init: Optional[str], image_size: Optional[int]):
+  """(model, cfg, source path) of a float checkpoint; the embedded default without `init`."""
+  from qsam2_jax import checkpoint
+  from train import defaults
+
+  path = init if init is not None else defaults.default_checkpoint(
+      image_size or defaults.DEFAULT_IMAGE_SIZE)
+  if os.path.isdir(path) and checkpoint.read_meta(path).get("quant"):
+    raise UserError(f"{path} is already quantized; calibration and PTQ start from a float "
+                    "checkpoint")
+  model, cfg = checkpoint.load_sam2(path, image_size=image_size)
+  return model, cfg, path
+
+
+def load_images(data: Optional[str], num: int, num_eval: int, image_size: int, seed: int
+                ) -> Tuple[np.ndarray, Optional[np.ndarray], str]:
+  """(calibration images, held-out images or None, data path)."""
+  from qsam2_jax.quant.calibration import calibration_images
+  from train import defaults
+
+  if data is None:
+    data = defaults.default_image_data(max(32, num + num_eval))
+  elif not os.path.exists(data):
+    raise UserError(f"data path {data} does not exist")
+  calib = calibration_images(data, num, image_size, seed)
+  held = calibration_images(data, num_eval, image_size, seed, start=num) if num_eval else None
+  return calib, held, data
+
+
+def write_json(path: str, obj: Any) -> None:
+  from qsam2_jax.quant.calibration import _clean
+  with open(path, "w") as f:
+    json.dump(_clean(obj), f, indent=1)
+
+
+def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
+  p = ArgumentParser(prog="python -m train.calibrate", description=__doc__,
+                     formatter_class=argparse.RawDescriptionHelpFormatter)
+  add_common_args(p)
+  p.add_argument("--bits", type=int, default=4,
+                 help=f"target weight bits for the quantized errors and --lambda auto, one of "
+                      f"{BITS} (default 4)")
+  p.add_argument("--sweep-layer", default=None,
+                 help="layer of the lambda sweep plot vrc_lambda.png (default: mlp.layers.1 of "
+                      "the first block of the last Hiera stage, the paper's Fig. 5 choice; '' for "
+                      "none)")
+  args = p.parse_args(argv)
+  if args.bits not in BITS:
+    raise UserError(f"--bits must be one of {BITS}, got {args.bits}")
+  return args
+
+
+@dataclasses.dataclass
+class CalibrateResult:
+  """What `run` produced (for tests and scripts)."""
+  model: Any
+  fp_model: Any
+  vrc: Any
+  errors: Any
+  out: str
+  files: Dict[str, str]
+
+
+def run(args: argparse.Namespace) -> CalibrateResult:
+  from flax import nnx
+
+  from qsam2_jax import checkpoint
+  from qsam2_jax.quant.calibration import output_errors, run_vrc, write_vrc_report
+  from qsam2_jax.quant.rules import ENCODER_LINEARS
+  from qsam2_jax.quant.vrc import DEFAULT_LAM0
+
+  lam0 = DEFAULT_LAM0 if args.lam is None else args.lam
+  check_paths(args)
+  model, cfg, source = load_float_model(args.init, args.image_size)
+  calib, held, data = load_images(args.data, args.images, args.eval_images, cfg.image_size,
+                                  args.seed)
+  print(f"VRC of {cfg.name} at {cfg.image_size}² ({source}) on {len(calib)} images of {data}; "
+        f"lambda_0 {lam0} ({args.lambda_mode}), W{args.bits} errors")
+  fp = nnx.clone(model)
+  result = run_vrc(model, calib, lam0=lam0, lam_mode=args.lambda_mode, bits=args.bits,
+                   batch_size=args.batch_size, progress=not args.quiet,
+                   sweep_layer=args.sweep_layer, min_tokens_per_dim=args.min_tokens_per_dim)
+  lines = result.table().splitlines()
+  print("\n".join(lines if not args.quiet else lines[-1:]))
+  where = (f"{len(held)} held-out images" if held is not None
+           else f"the {len(calib)} calibration images")
+  print(f"\nOutput errors of the re-fitted model against the input model, on {where}:")
+  errors = output_errors(fp, model, held if held is not None else calib,
+                         pattern=ENCODER_LINEARS, batch_size=args.batch_size,
+                         progress=not args.quiet, prompt_seed=args.seed)
+  lines = errors.table().splitlines()
+  print("\n".join(lines if not args.quiet else lines[-2:]))
+  meta = {"config": cfg.name, "image_size": cfg.image_size, "kind": "calibrated",
+          "source": source, "data": data, "seed": args.seed, "vrc": result.summary(),
+          "errors": errors.summary()}
+  out = checkpoint.save_model(args.out, model, meta, overwrite=args.overwrite)
+  files = write_vrc_report(result, out)
+  files["errors.json"] = os.path.join(out, "errors.json")
+  write_json(files["errors.json"], {"measured_on": where, **errors.summary(),
+                                    "layers": [dataclasses.asdict(e)
+                                               for e in errors.layers.values()]})
+  print(f"wrote {out} ({', '.join(sorted(files))})")
+  return CalibrateResult(model, fp, result, errors, out, files)
+
+
+@report_user_errors
+def main(argv: Optional[Sequence[str]] = None) -> int:
+  run(parse_args(argv))
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())
