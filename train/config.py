@@ -1,0 +1,164 @@
+"""The QAT run configuration: one frozen dataclass, full-scale defaults and a `smoke` variant.
+
+  python -m train.qat --bits 2                                   # smoke: embedded model and data
+  python -m train.qat --bits 2 --init ckpt/fp --data /data/sa1b --out runs/w2a2   # full defaults
+
+`TrainConfig()` holds the defaults of a real run; `TrainConfig.smoke()` those used when neither
+`--init` nor `--data` is given (the embedded random SAM2.1-t at 256² and a synthetic dataset), so
+that the bare command finishes on a laptop CPU in minutes. Explicit flags override either.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, Dict, Optional, Union
+
+from qsam2_jax.errors import UserError
+
+METHODS = ("qsam2", "lsq", "pact", "minmax", "fp")
+# `--method` -> `QuantRecipe.method` (qsam2 = LSC quantizers after VRC; fp = no quantization).
+RECIPE_METHOD = {"qsam2": "lsc", "lsq": "lsq", "pact": "pact", "minmax": "minmax"}
+BITS = (2, 3, 4, 8)
+ACT_BITS = (2, 3, 4, 8, 16)
+PRESETS = ("paper", "encoder")
+DTYPES = ("bfloat16", "float32")
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+  """Every choice of a QAT run (flags of `python -m train.qat`; see its `--help`)."""
+  # What is trained.
+  bits: int = 4
+  act_bits: Optional[int] = None  # None: = bits
+  method: str = "qsam2"
+  preset: str = "paper"
+  high_bits: int = 8
+  init: Optional[str] = None  # Orbax dir or .pt; None: the embedded default
+  data: Optional[str] = None  # COCO JSON/folder or SA-1B folder; None: synthetic
+  val_data: Optional[str] = None  # None: held out from `data` (synthetic: a second set)
+  image_size: Optional[int] = None  # None: the checkpoint's
+  dtype: str = "bfloat16"  # compute dtype; parameters and optimizer state stay float32
+  # VRC (method qsam2) and range calibration.
+  vrc_lambda: Union[float, str] = 3e-3  # a number, "auto" or "off"
+  vrc_lambda_mode: str = "relative"
+  vrc_images: int = 16
+  calib_images: int = 16
+  # Optimization.
+  steps: int = 5000
+  batch_size: int = 16  # global, over all processes
+  masks_per_image: int = 8
+  lr: float = 1e-5
+  clip_lr: float = 1e-3
+  weight_decay: float = 0.01
+  warmup_steps: Optional[int] = None  # None: 5 % of the steps
+  grad_clip: float = 1.0
+  distill: float = 0.0
+  # Parallelism.
+  mesh: Optional[str] = None  # "data=N,fsdp=M"; None: all devices on data
+  distributed: str = "auto"
+  coordinator: Optional[str] = None
+  num_processes: Optional[int] = None
+  process_id: Optional[int] = None
+  # Checkpoints, evaluation, logs.
+  out: Optional[str] = None
+  resume: bool = False
+  overwrite: bool = False
+  save_every: int = 500
+  keep: int = 3
+  eval_every: int = 500
+  eval_images: int = 64
+  eval_batch_size: Optional[int] = None  # None: = batch_size
+  log_every: int = 10
+  seed: int = 0
+  data_threads: int = 4
+  progress: bool = True
+
+  @classmethod
+  def smoke(cls, **overrides: Any) -> "TrainConfig":
+    """The embedded-default variant: a few steps of SAM2.1-t at 256² on CPU.
+
+    float32 compute: CPUs emulate bfloat16 matmuls, which is slower, not faster.
+    """
+    small = dict(steps=4, batch_size=2, masks_per_image=4, vrc_images=4, calib_images=4,
+                 eval_images=8, eval_batch_size=4, save_every=4, eval_every=0, log_every=1,
+                 dtype="float32", lr=1e-4, clip_lr=1e-3, data_threads=2)
+    return cls(**{**small, **overrides})
+
+  def __post_init__(self):
+    if self.bits not in BITS:
+      raise UserError(f"--bits must be one of {', '.join(map(str, BITS))}, got {self.bits}")
+    if self.act_bits is not None and self.act_bits not in ACT_BITS:
+      raise UserError(f"--act-bits must be one of {', '.join(map(str, ACT_BITS))}, got "
+                      f"{self.act_bits}")
+    if self.method not in METHODS:
+      raise UserError(f"unknown --method {self.method!r}; expected one of {', '.join(METHODS)}")
+    if self.preset not in PRESETS:
+      raise UserError(f"unknown --preset {self.preset!r}; expected one of {', '.join(PRESETS)}")
+    if self.dtype not in DTYPES:
+      raise UserError(f"--dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
+    lam = self.vrc_lambda
+    if not (lam in ("auto", "off") or (isinstance(lam, (int, float)) and math.isfinite(lam)
+                                       and lam >= 0)):
+      raise UserError(f"--vrc-lambda must be a non-negative number, 'auto' or 'off', got {lam!r}")
+    if self.vrc_lambda_mode not in ("relative", "absolute"):
+      raise UserError(f"--vrc-lambda-mode must be relative or absolute, got "
+                      f"{self.vrc_lambda_mode!r}")
+    for name in ("steps", "batch_size", "masks_per_image", "vrc_images", "calib_images", "keep",
+                 "log_every", "data_threads"):
+      if getattr(self, name) < 1:
+        raise UserError(f"--{name.replace('_', '-')} must be at least 1, got "
+                        f"{getattr(self, name)}")
+    for name in ("save_every", "eval_every", "eval_images"):
+      if getattr(self, name) < 0:
+        raise UserError(f"--{name.replace('_', '-')} must be at least 0")
+    for name in ("lr", "clip_lr", "weight_decay", "grad_clip", "distill"):
+      v = getattr(self, name)
+      if not (math.isfinite(v) and v >= 0):
+        raise UserError(f"--{name.replace('_', '-')} must be a non-negative number, got {v}")
+    if self.warmup_steps is not None and not 0 <= self.warmup_steps <= self.steps:
+      raise UserError(f"--warmup-steps must be in [0, --steps], got {self.warmup_steps}")
+    if self.eval_batch_size is not None and self.eval_batch_size < 1:
+      raise UserError("--eval-batch-size must be at least 1")
+    if self.image_size is not None and (self.image_size < 64 or self.image_size % 32):
+      raise UserError(f"--image-size must be a multiple of 32, at least 64, got "
+                      f"{self.image_size}")
+    if self.method == "fp" and self.distill > 0:
+      raise UserError("--distill needs a quantized student (the teacher is the FP model)")
+
+  # ------------------------------------------------------------------ derived values
+
+  @property
+  def quantized(self) -> bool:
+    return self.method != "fp"
+
+  @property
+  def use_vrc(self) -> bool:
+    return self.method == "qsam2" and self.vrc_lambda != "off"
+
+  @property
+  def tag(self) -> str:
+    """Short run name: `w2a2-qsam2-paper`, `fp`."""
+    if not self.quantized:
+      return "fp"
+    a = self.bits if self.act_bits is None else self.act_bits
+    return f"w{self.bits}a{a}-{self.method}-{self.preset}"
+
+  @property
+  def warmup(self) -> int:
+    return (max(1, round(0.05 * self.steps)) if self.warmup_steps is None
+            else self.warmup_steps)
+
+  def recipe(self):
+    """The `QuantRecipe` of this run (None for `fp`)."""
+    if not self.quantized:
+      return None
+    from qsam2_jax.quant.recipe import QuantRecipe
+    return QuantRecipe(bits=self.bits, act_bits=self.act_bits, method=RECIPE_METHOD[self.method],
+                       preset=self.preset, high_bits=self.high_bits)
+
+  def to_dict(self) -> Dict[str, Any]:
+    return dataclasses.asdict(self)
+
+  def replace(self, **changes: Any) -> "TrainConfig":
+    return dataclasses.replace(self, **changes)

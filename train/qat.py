@@ -1,0 +1,525 @@
+"""Quantization-aware training of SAM2 (Q-SAM2): VRC, quantize, calibrate, train, evaluate, save.
+
+  python -m train.qat --bits 2                           # embedded SAM2.1-t + synthetic data, CPU
+  python -m train.qat --bits 2 --init ckpt/fp --data /data/sa1b --out runs/w2a2 \\
+      --steps 5000 --batch-size 64 --mesh data=8,fsdp=2
+  python -m train.qat --out runs/w2a2 --resume           # continue the latest checkpoint
+
+Pipeline: load the float model (--init) -> [qsam2: VRC re-fit of the image encoder's linears on
+--vrc-images images] -> quantize (--bits/--act-bits/--method/--preset) -> calibrate the ranges
+(--calib-images) -> AdamW (weights at --lr, clip factors at --clip-lr) with SAM2's losses, one
+jitted step sharded over the mesh -> periodic mean-IoU evaluation on held-out masks -> Orbax
+checkpoints in --out (model, optimizer, quantizer statistics, RNG, data-iterator position).
+--method fp fine-tunes the float model in the same loop.
+
+The same command runs on every process of a multi-host job (SLURM, Open MPI and Cloud TPU pods
+are detected; elsewhere pass --coordinator/--num-processes/--process-id). `checkpoint.load_sam2
+(OUT)` restores the trained model; logs/metrics.jsonl holds the metrics (TensorBoard in logs/tb
+when tensorboardX or torch's writer is installed). SIGTERM saves a checkpoint before exiting; a
+NaN/inf loss stops the run, naming the step and the last good checkpoint.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import shutil
+import signal
+import sys
+import time
+from typing import Any, Dict, Optional, Sequence
+
+import numpy as np
+
+from qsam2_jax.errors import UserError, report_user_errors
+from train.calibrate import ArgumentParser, nonnegative_int, positive_int
+from train.config import ACT_BITS, BITS, METHODS, PRESETS, TrainConfig
+
+# Flags that may differ when resuming; the others must match the run being resumed.
+RESUMABLE = ("steps", "save_every", "eval_every", "keep", "log_every", "mesh", "distributed",
+             "coordinator", "num_processes", "process_id", "out", "resume", "progress",
+             "data_threads", "eval_images", "eval_batch_size")
+
+
+class TrainingError(RuntimeError):
+  """The run cannot go on (e.g. a non-finite loss); the message says where to restart."""
+
+
+# ------------------------------------------------------------------------------ command line
+
+
+def _lambda(text: str):
+  if text in ("auto", "off"):
+    return text
+  try:
+    value = float(text)
+  except ValueError:
+    raise argparse.ArgumentTypeError(f"expected a number, 'auto' or 'off', got {text!r}") from None
+  if not np.isfinite(value) or value < 0:
+    raise argparse.ArgumentTypeError(f"must be a non-negative number, got {text!r}")
+  return value
+
+
+def _nonneg_float(text: str) -> float:
+  try:
+    value = float(text)
+  except ValueError:
+    raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+  if not np.isfinite(value) or value < 0:
+    raise argparse.ArgumentTypeError(f"must be a non-negative number, got {text!r}")
+  return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+  d, s = TrainConfig(), TrainConfig.smoke()
+
+  def default(name):  # "(default X; Y on the embedded default)"
+    a, b = getattr(d, name), getattr(s, name)
+    return f"(default {a}" + (f"; {b} on the embedded default)" if a != b else ")")
+
+  p = ArgumentParser(prog="python -m train.qat", description=__doc__,
+                     formatter_class=argparse.RawDescriptionHelpFormatter,
+                     argument_default=argparse.SUPPRESS)
+  g = p.add_argument_group("quantization")
+  g.add_argument("--bits", type=int, choices=BITS, help=f"weight and activation bits {default('bits')}")
+  g.add_argument("--act-bits", type=int, choices=ACT_BITS,
+                 help="activation bits (default: --bits; 16 = weight-only)")
+  g.add_argument("--method", choices=METHODS, help="qsam2 = LSC quantizers after VRC; lsq, pact, "
+                 "minmax; fp = full-precision fine-tuning (default qsam2)")
+  g.add_argument("--preset", choices=PRESETS, help="paper: whole model (first/last layers at 8 "
+                 "bits); encoder: only the image encoder's linears (default paper)")
+  g.add_argument("--vrc-lambda", type=_lambda, help="VRC lambda_0: a number, 'auto' (per layer) "
+                 "or 'off' (no VRC) (default 3e-3)")
+  g.add_argument("--vrc-lambda-mode", choices=("relative", "absolute"),
+                 help="lambda = lambda_0 * trace(S)/d_in (relative, default) or lambda_0")
+  g.add_argument("--vrc-images", type=positive_int, help=f"VRC images {default('vrc_images')}")
+  g.add_argument("--calib-images", type=positive_int,
+                 help=f"range-calibration images {default('calib_images')}")
+  g = p.add_argument_group("model and data")
+  g.add_argument("--init", help="float checkpoint: Orbax directory or official .pt (default: the "
+                 "embedded random-weight SAM2.1-t)")
+  g.add_argument("--data", help="SA-1B folder, or COCO JSON / folder with annotations.json "
+                 "(default: a synthetic dataset generated on first use)")
+  g.add_argument("--val-data", help="evaluation set (default: the last --eval-images images of "
+                 "--data; a second synthetic set for the default data)")
+  g.add_argument("--image-size", type=positive_int, help="model input side (default: the "
+                 "checkpoint's; 256 for the embedded one)")
+  g.add_argument("--masks-per-image", type=positive_int,
+                 help=f"masks sampled per image {default('masks_per_image')}")
+  g.add_argument("--dtype", choices=("bfloat16", "float32"),
+                 help=f"compute dtype; weights stay float32 {default('dtype')}")
+  g = p.add_argument_group("optimization")
+  g.add_argument("--steps", type=positive_int, help=f"{default('steps')}")
+  g.add_argument("--batch-size", type=positive_int,
+                 help=f"global batch, images over all processes {default('batch_size')}")
+  g.add_argument("--lr", type=_nonneg_float, help=f"weights' peak learning rate {default('lr')}")
+  g.add_argument("--clip-lr", type=_nonneg_float,
+                 help=f"clip factors' peak learning rate {default('clip_lr')}")
+  g.add_argument("--weight-decay", type=_nonneg_float, help=f"{default('weight_decay')}")
+  g.add_argument("--warmup-steps", type=nonnegative_int, help="(default: 5%% of --steps)")
+  g.add_argument("--grad-clip", type=_nonneg_float, help="global-norm clip, 0 = off (default 1)")
+  g.add_argument("--distill", type=_nonneg_float,
+                 help="weight of the MSE to the FP model's mask logits (default 0)")
+  g.add_argument("--seed", type=int, help="data order, augmentation and prompts (default 0)")
+  g = p.add_argument_group("parallelism")
+  g.add_argument("--mesh", help="device mesh 'data=N,fsdp=M' (default: all devices on data)")
+  g.add_argument("--distributed", choices=("auto", "on", "off"),
+                 help="jax.distributed: auto-detect a multi-process launch (default), force, off")
+  g.add_argument("--coordinator", help="host:port of process 0 (multi-process without a cluster)")
+  g.add_argument("--num-processes", type=positive_int)
+  g.add_argument("--process-id", type=nonnegative_int)
+  g = p.add_argument_group("checkpoints, evaluation, logs")
+  g.add_argument("--out", help="run directory (default: runs/<tag>-<time>)")
+  g.add_argument("--resume", action="store_true", help="continue the latest checkpoint in --out")
+  g.add_argument("--overwrite", action="store_true", help="start over in an existing --out")
+  g.add_argument("--save-every", type=nonnegative_int,
+                 help=f"checkpoint period in steps, 0 = only at the end {default('save_every')}")
+  g.add_argument("--keep", type=positive_int, help="checkpoints kept (default 3)")
+  g.add_argument("--eval-every", type=nonnegative_int,
+                 help=f"evaluation period, 0 = only at the end {default('eval_every')}")
+  g.add_argument("--eval-images", type=nonnegative_int,
+                 help=f"held-out images, 0 = no evaluation {default('eval_images')}")
+  g.add_argument("--eval-batch-size", type=positive_int)
+  g.add_argument("--log-every", type=positive_int, help=f"{default('log_every')}")
+  g.add_argument("--no-progress", dest="progress", action="store_false", help="no tqdm bar")
+  return p
+
+
+def parse_config(argv: Optional[Sequence[str]] = None) -> tuple[TrainConfig, Dict[str, Any]]:
+  """(config, the flags given explicitly): smoke defaults without --init and --data."""
+  given = vars(build_parser().parse_args(argv))
+  base = TrainConfig.smoke if "init" not in given and "data" not in given else TrainConfig
+  for key in ("data", "val_data", "init"):
+    if key in given and not os.path.exists(given[key]):
+      raise UserError(f"--{key.replace('_', '-')} {given[key]} does not exist")
+  return base(**given), given
+
+
+# ------------------------------------------------------------------------------ model
+
+
+def load_init(cfg: TrainConfig, dtype):
+  """(float model, SAM2 config, source path) from --init or the embedded checkpoint.
+
+  Orbax metadata may carry `config_overrides` ({"hiera": {...}}) for reduced architectures
+  (tests); official files and named configs load through `checkpoint.load_sam2`.
+  """
+  from qsam2_jax import checkpoint
+  from train import defaults
+  path = cfg.init or defaults.default_checkpoint(cfg.image_size or defaults.DEFAULT_IMAGE_SIZE)
+  meta = checkpoint.read_meta(path) if os.path.isdir(path) else {}
+  if meta.get("quant"):
+    raise UserError(f"{path} is already quantized; QAT starts from a float checkpoint")
+  if meta.get("config_overrides"):
+    sam_cfg = sam_config(meta, cfg.image_size)
+    model = checkpoint.restore_state(path, checkpoint.abstract_model(sam_cfg, dtype=dtype))
+    return model, sam_cfg, path
+  model, sam_cfg = checkpoint.load_sam2(path, image_size=cfg.image_size, dtype=dtype)
+  return model, sam_cfg, path
+
+
+def sam_config(meta: Dict[str, Any], image_size: Optional[int] = None):
+  """The SAM2 config of checkpoint metadata, with its `config_overrides` applied."""
+  from qsam2_jax.model import configs
+  sam_cfg = configs.get_config(meta["config"], image_size=image_size or meta.get("image_size"))
+  over = dict(meta.get("config_overrides") or {})
+  if "hiera" in over:
+    hiera = {k: tuple(v) if isinstance(v, list) else v for k, v in over.pop("hiera").items()}
+    over["hiera"] = dataclasses.replace(sam_cfg.hiera, **hiera)
+  return sam_cfg.replace(**over)
+
+
+def sample_images(source, num: int, size: int, seed: int) -> np.ndarray:
+  """`num` images of a seeded permutation of `source`, resized and normalized as in training."""
+  from qsam2_jax.data.transforms import resize_image
+  order = np.random.default_rng([seed, 7]).permutation(len(source))
+  picks = [order[i % len(order)] for i in range(num)]
+  return np.stack([resize_image(source[int(i)].image, size) for i in picks])
+
+
+# ------------------------------------------------------------------------------ data
+
+
+class Subset:
+  """Items [start, stop) of a reader (held-out evaluation images)."""
+
+  def __init__(self, source, start: int, stop: int):
+    self.source, self.start, self.stop = source, start, stop
+
+  def __len__(self) -> int:
+    return self.stop - self.start
+
+  def __getitem__(self, i: int):
+    return self.source[self.start + int(i)]
+
+
+def open_data(cfg: TrainConfig, image_size: int):
+  """(train source, val source or None, data path)."""
+  from qsam2_jax.data import coco
+  from train import defaults
+  path = cfg.data or defaults.default_image_data(32, image_size, seed=0)
+  train = coco.open_source(path)
+  val = None
+  if cfg.eval_images:
+    if cfg.val_data:
+      val = coco.open_source(cfg.val_data)
+    elif cfg.data is None:
+      val = coco.open_source(defaults.default_image_data(max(8, cfg.eval_images), image_size,
+                                                         seed=1))
+    else:
+      n = min(cfg.eval_images, len(train) // 5)
+      if n == 0:
+        raise UserError(f"{coco.describe(train)}: too few images to hold out an evaluation set; "
+                        "pass --val-data or --eval-images 0")
+      train, val = Subset(train, 0, len(train) - n), Subset(train, len(train) - n, len(train))
+  return train, val, path
+
+
+def data_config(cfg: TrainConfig, image_size: int, *, train: bool):
+  from qsam2_jax.data import pipeline, prompts
+  pc = prompts.PromptConfig(max_masks=cfg.masks_per_image)
+  if train:
+    return pipeline.DataConfig(image_size=image_size, prompts=pc, seed=cfg.seed,
+                               num_threads=cfg.data_threads)
+  return pipeline.DataConfig(image_size=image_size, prompts=pc, seed=cfg.seed + 1,
+                             shuffle=False, num_epochs=1, hflip_prob=0.0,
+                             num_threads=cfg.data_threads)
+
+
+# ------------------------------------------------------------------------------ the run
+
+
+@dataclasses.dataclass
+class RunResult:
+  """What `run` did (for tests and scripts)."""
+  out: str
+  step: int
+  losses: list
+  metrics: Dict[str, float]
+  eval: Optional[Dict[str, float]]
+  interrupted: bool = False
+
+
+def _prepare_out(cfg: TrainConfig, is_main: bool) -> str:
+  import jax
+  from jax.experimental import multihost_utils
+  out = cfg.out
+  if out is None:  # one timestamp for every process
+    stamp = int(multihost_utils.broadcast_one_to_all(np.int64(time.time())))
+    out = os.path.join("runs", f"{cfg.tag}-{time.strftime('%Y%m%d-%H%M%S', time.localtime(stamp))}")
+  out = os.path.abspath(out)
+  exists = os.path.isdir(out) and os.listdir(out)
+  if cfg.resume and not exists:
+    raise UserError(f"--resume: {out} holds no run to continue")
+  if exists and not cfg.resume:
+    if not cfg.overwrite:
+      raise UserError(f"{out} already holds a run: pass --resume to continue it or --overwrite "
+                      "to start over")
+    if is_main:
+      shutil.rmtree(out)
+  if jax.process_count() > 1:
+    multihost_utils.sync_global_devices("qat_out_ready")
+  return out
+
+
+def _resume_config(cfg: TrainConfig, given: Dict[str, Any], out: str) -> tuple[TrainConfig, dict]:
+  """The saved run's config with the resumable flags given now."""
+  from qsam2_jax import checkpoint
+  meta = checkpoint.read_meta(out)
+  saved = TrainConfig(**meta["run"])
+  for key, value in given.items():
+    if key not in RESUMABLE and value != getattr(saved, key):
+      raise UserError(f"--{key.replace('_', '-')} {value} differs from the resumed run's "
+                      f"{getattr(saved, key)}; only {', '.join(RESUMABLE)} may change")
+  keep = {k: v for k, v in given.items() if k in RESUMABLE and k != "resume"}
+  return saved.replace(**keep, resume=True), meta
+
+
+def run(cfg: TrainConfig, given: Optional[Dict[str, Any]] = None) -> RunResult:
+  """Runs (or resumes) QAT as configured; see the module docstring."""
+  # -------- processes, devices, output directory
+  from qsam2_jax import parallel
+  parallel.initialize_distributed(cfg.distributed, coordinator_address=cfg.coordinator,
+                                  num_processes=cfg.num_processes, process_id=cfg.process_id)
+  import jax
+  import jax.numpy as jnp
+  from flax import nnx
+  from jax.experimental import multihost_utils
+
+  from qsam2_jax import checkpoint
+  from qsam2_jax.data import pipeline
+  from qsam2_jax.quant import calibration, set_mode
+  from train import losses, step as steplib
+  from train.logging_utils import MetricLogger, Progress
+
+  is_main = jax.process_index() == 0
+  say = print if is_main else (lambda *a, **k: None)
+  t_start = time.time()
+  out = _prepare_out(cfg, is_main)
+  meta_saved = None
+  if cfg.resume:
+    cfg, meta_saved = _resume_config(cfg, given or {}, out)
+  mesh = parallel.make_mesh(cfg.mesh)
+  ndev, nproc = mesh.size, jax.process_count()
+  eval_bs = cfg.eval_batch_size or cfg.batch_size
+  for name, b in (("--batch-size", cfg.batch_size), ("--eval-batch-size", eval_bs)):
+    if b % ndev or b % nproc:
+      raise UserError(f"{name} {b} must be a multiple of the number of devices ({ndev}) and "
+                      f"processes ({nproc})")
+  dtype = jnp.bfloat16 if cfg.dtype == "bfloat16" else None
+  say(f"QAT {cfg.tag} on {ndev} {jax.default_backend()} device(s) in {nproc} process(es), "
+      f"mesh {dict(mesh.shape)}; run directory {out}")
+
+  # -------- model: load, VRC, quantize, calibrate (fresh) or abstract structure (resume)
+  recipe = cfg.recipe()
+  teacher, vrc_summary = None, None
+  if meta_saved is None:
+    model, sam_cfg, source = load_init(cfg, dtype)
+    image_size = sam_cfg.image_size
+    train_src, val_src, data_path = open_data(cfg, image_size)
+    if cfg.distill > 0:
+      teacher = nnx.clone(model)
+    if cfg.use_vrc:
+      say(f"VRC (lambda_0 {cfg.vrc_lambda}, {cfg.vrc_lambda_mode}) on {cfg.vrc_images} images")
+      images = sample_images(train_src, cfg.vrc_images, image_size, cfg.seed)
+      result = calibration.run_vrc(model, images, lam0=cfg.vrc_lambda,
+                                   lam_mode=cfg.vrc_lambda_mode, bits=cfg.bits,
+                                   batch_size=min(4, cfg.vrc_images), progress=cfg.progress and is_main)
+      vrc_summary = result.summary()
+      say(result.table().splitlines()[-1])
+      if is_main:
+        calibration.write_vrc_report(result, os.path.join(out, "vrc"))
+    if recipe is not None:
+      _, report = recipe.apply(model)
+      say(report.summary().splitlines()[0])
+      images = sample_images(train_src, cfg.calib_images, image_size, cfg.seed + 1)
+      calibration.calibrate_ranges(model, images, batch_size=min(4, cfg.calib_images),
+                                   progress=cfg.progress and is_main, prompt_seed=cfg.seed)
+      set_mode(model, "train")
+  else:
+    source, data_path = meta_saved.get("source"), meta_saved.get("data")
+    sam_cfg = sam_config(meta_saved)
+    image_size = sam_cfg.image_size
+    train_src, val_src, data_path = open_data(cfg, image_size)
+    model = checkpoint.abstract_model(sam_cfg, quant=meta_saved.get("quant"), dtype=dtype)
+    if cfg.distill > 0:
+      teacher = load_init(cfg.replace(image_size=image_size), dtype)[0]
+    vrc_summary = meta_saved.get("vrc")
+  steplib.prepare_for_training(model)
+  if teacher is not None:
+    steplib.prepare_for_training(teacher)
+  say(f"model {sam_cfg.name} at {image_size}² from {source}; data {data_path}: "
+      f"{len(train_src)} training images" + (f", {len(val_src)} held out" if val_src else ""))
+
+  # -------- optimizer, jitted steps, state on the mesh
+  tx_args = dict(lr=cfg.lr, clip_lr=cfg.clip_lr, weight_decay=cfg.weight_decay, steps=cfg.steps,
+                 warmup=cfg.warmup, grad_clip=cfg.grad_clip)
+  if meta_saved is None:
+    optimizer = steplib.make_optimizer(model, **tx_args)
+  else:
+    optimizer = nnx.eval_shape(lambda m: steplib.make_optimizer(m, **tx_args), model)
+  loss_cfg = losses.LossConfig(weight_distill=cfg.distill)
+  steps = steplib.Steps(model, optimizer, mesh, loss_cfg, teacher=teacher,
+                        schedule=steplib.lr_schedule(cfg.lr, cfg.steps, cfg.warmup))
+  train_it = pipeline.make_iterator(train_src, cfg.batch_size, data_config(cfg, image_size,
+                                                                           train=True))
+  rng = jax.random.key_data(jax.random.key(cfg.seed))
+  ckpt = checkpoint.RunCheckpointer(out, keep=cfg.keep)
+  start = 0
+  if meta_saved is None:
+    model_state, opt_state = steps.place_state(model, optimizer)
+  else:
+    abstract = lambda tree, sh: jax.tree.map(  # noqa: E731
+        lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, sh)
+    restored = ckpt.restore(model=abstract(nnx.state(model), steps.model_sh),
+                            opt=abstract(nnx.state(optimizer), steps.opt_sh),
+                            train={"rng": np.asarray(rng)},
+                            data=pipeline.restore_args(train_it))
+    model_state, opt_state = restored["model"], restored["opt"]
+    rng, start = np.asarray(restored["train"]["rng"]), int(restored["meta"]["step"])
+    say(f"resumed {out} at step {start}")
+  teacher_state = steps.place_teacher(teacher) if steps.teacher_gd is not None else None
+  del model, optimizer, teacher  # the states live on the mesh now
+  meta = {"config": sam_cfg.name, "image_size": image_size, "kind": "qat" if recipe else "fp",
+          "source": source, "data": data_path, "run": cfg.replace(resume=False).to_dict()}
+  over = (meta_saved or {}).get("config_overrides") or (
+      checkpoint.read_meta(source).get("config_overrides") if os.path.isdir(source) else None)
+  if over:
+    meta["config_overrides"] = over
+  if recipe is not None:
+    meta["quant"] = recipe.to_dict()
+  if vrc_summary:
+    meta["vrc"] = vrc_summary
+
+  # -------- evaluation
+  def evaluate() -> Optional[Dict[str, float]]:
+    if val_src is None:
+      return None
+    bs = min(eval_bs, len(val_src) // ndev * ndev)
+    if bs == 0 or bs % nproc:
+      return None
+    it = pipeline.make_iterator(val_src, bs, data_config(cfg, image_size, train=False))
+    iou_sum = count = 0.0
+    for local in it:
+      r = jax.device_get(steps.evaluate(model_state, steps.batch(local)))
+      iou_sum, count = iou_sum + float(r["iou_sum"]), count + float(r["count"])
+    return {"miou": iou_sum / max(count, 1.0), "masks": count}
+
+  # -------- the loop
+  stop = {"signal": False}
+
+  def on_sigterm(signum, frame):  # noqa: ARG001
+    stop["signal"] = True
+
+  old_handler = signal.signal(signal.SIGTERM, on_sigterm)
+  logger = MetricLogger(os.path.join(out, "logs"), enabled=is_main)
+  bar = Progress(cfg.steps, start, enabled=cfg.progress and is_main)
+  log = bar.write if is_main else (lambda *a: None)
+
+  def save(at: int) -> None:
+    ckpt.save(at, model=model_state, opt=opt_state, train={"rng": np.asarray(rng)},
+              data=pipeline.save_args(train_it), meta=meta)
+
+  losses_seen, last_metrics, last_eval, step, interrupted = [], {}, None, start, False
+  t_prev = None
+  try:
+    while step < cfg.steps:
+      batch = steps.batch(next(train_it))
+      model_state, opt_state, metrics = steps.train(model_state, opt_state, batch, teacher_state)
+      metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
+      step += 1
+      now = time.time()
+      ips = cfg.batch_size / (now - t_prev) if t_prev is not None else None
+      t_prev = now
+      if not np.isfinite(metrics["loss"]):
+        good = ckpt.latest_step()
+        where = (f"the last good checkpoint is {out} step {good} (resume with --resume)"
+                 if good is not None else "no checkpoint was saved yet")
+        raise TrainingError(f"non-finite loss ({metrics['loss']}) at step {step}; {where}")
+      losses_seen.append(metrics["loss"])
+      last_metrics = dict(metrics, images_per_s=ips) if ips else metrics
+      if step % cfg.log_every == 0 or step == cfg.steps:
+        logger.write(step, last_metrics)
+      bar.update(metrics["loss"], ips)
+      if nproc > 1:  # every process must agree to stop at the same step
+        stop["signal"] = bool(np.any(multihost_utils.process_allgather(
+            np.array([stop["signal"]]))))
+      if (cfg.save_every and step % cfg.save_every == 0) or step == cfg.steps or stop["signal"]:
+        save(step)
+      if cfg.eval_every and step % cfg.eval_every == 0 and step < cfg.steps:
+        last_eval = evaluate()
+        if last_eval:
+          logger.write(step, last_eval, prefix="eval/")
+          log(f"step {step}: eval mIoU {last_eval['miou']:.4f} on {int(last_eval['masks'])} "
+              "masks")
+      if stop["signal"]:
+        interrupted = True
+        log(f"SIGTERM: saved step {step} in {out}; continue with --resume")
+        break
+    if not interrupted:
+      last_eval = evaluate()
+      if last_eval:
+        logger.write(step, last_eval, prefix="eval/")
+      if ckpt.latest_step() != step and step > start:
+        save(step)
+    ckpt.wait()
+  finally:
+    bar.close()
+    logger.close()
+    ckpt.close()
+    signal.signal(signal.SIGTERM, old_handler)
+
+  # -------- summary
+  if is_main:
+    terms = ", ".join(f"{k[5:]} {last_metrics[k]:.4g}" for k in losses.LOSS_KEYS
+                      if k in last_metrics)
+    lines = [f"done: step {step}/{cfg.steps} in {time.time() - t_start:.0f} s"]
+    if last_metrics:
+      lines.append(f"  train loss {last_metrics['loss']:.4f} ({terms}), grad norm "
+                   f"{last_metrics['grad_norm']:.3g}"
+                   + (f", {last_metrics['images_per_s']:.2f} img/s"
+                      if last_metrics.get("images_per_s") else ""))
+    if last_eval:
+      lines.append(f"  eval mIoU {last_eval['miou']:.4f} on {int(last_eval['masks'])} held-out "
+                   "masks")
+    lines.append(f"  checkpoint {out} (qsam2_jax.checkpoint.load_sam2({out!r})), metrics "
+                 f"{os.path.join(out, 'logs', 'metrics.jsonl')}")
+    print("\n".join(lines), flush=True)
+  return RunResult(out, step, losses_seen, last_metrics, last_eval, interrupted)
+
+
+@report_user_errors
+def main(argv: Optional[Sequence[str]] = None) -> int:
+  cfg, given = parse_config(argv)
+  try:
+    result = run(cfg, given)
+  except TrainingError as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 1
+  return 143 if result.interrupted else 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())
