@@ -21,13 +21,16 @@ $(STAMP): pyproject.toml Makefile
 	touch $(STAMP)
 
 test: setup
-	$(PY) -m pytest -q -m "not slow"
+	$(PY) -m pytest -q -m "not slow" -n 2 --dist loadfile
 
 test-all: setup
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n 2 --dist loadfile
 
+# The main job on the embedded default: VRC -> W2A2 QAT -> evaluation -> save, then mIoU and
+# overlays of the saved run (CPU, a few minutes).
 demo: setup
-	$(PY) -m eval.demo
+	$(PY) -m train.qat --bits 2 --out demo_out/qat-w2a2 --overwrite
+	$(PY) -m eval.image --ckpt demo_out/qat-w2a2 --max-images 8 --overlays 4
 
 clean-venv:
 	rm -rf $(VENV)

@@ -286,7 +286,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
   p.add_argument("--image-size", type=int, default=None,
                  help="model input size (default: the checkpoint's)")
   p.add_argument("--out", default=None,
-                 help="output folder (default: <ckpt>/eval, or <file>_eval for a file)")
+                 help="output folder (default: <ckpt>/eval, or <file>_eval for a file; "
+                      "runs/eval_image for the embedded checkpoint)")
   p.add_argument("--max-images", type=int, default=None, help="evaluate the first N images")
   p.add_argument("--overlays", type=int, default=4,
                  help="write overlay PNGs for the first K images (default: 4)")
@@ -328,7 +329,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
   t0 = time.time()
   model, meta = load_with_meta(ckpt, step=args.step, image_size=args.image_size)
   predict = predictor_fn(ImagePredictor(model), chunk=args.chunk)
-  out = os.path.abspath(args.out or default_out(ckpt))
+  # The embedded checkpoint lives in a cache: its results go to runs/, not beside it.
+  out = os.path.abspath(args.out or (default_out(ckpt) if args.ckpt
+                                     else os.path.join("runs", "eval_image")))
   summary, rows, results = evaluate(
       predict, gt, image_root, img_ids=img_ids, detections=detections,
       match_iou=args.match_iou, overlays=args.overlays,

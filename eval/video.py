@@ -465,8 +465,9 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                  help="model input size (default: the checkpoint's; 1024 for .pt files)")
   p.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32",
                  help="compute dtype; parameters stay float32 (default: %(default)s)")
-  p.add_argument("--out", default=os.path.join("runs", "eval_video"),
-                 help="output folder (default: %(default)s)")
+  p.add_argument("--out", default=None,
+                 help="output folder (default: <ckpt>/eval like eval.image, or <file>_eval for "
+                      "a file; runs/eval_video for the embedded checkpoint)")
   p.add_argument("--strips", type=_non_negative, default=3,
                  help="overlay PNG strips for the first K videos (default: %(default)s)")
   p.add_argument("--score-all-frames", action="store_true",
@@ -509,6 +510,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
   if args.ckpt is None:
     from train.defaults import default_checkpoint
     args.ckpt = default_checkpoint()
+    args.out = args.out or os.path.join("runs", "eval_video")
+  if args.out is None:
+    from eval.image import default_out
+    args.out = default_out(args.ckpt)
 
   ckpt_info = _checkpoint_info(args.ckpt, args.step)
   predictor, cfg = build_predictor(args.ckpt, step=args.step, image_size=args.image_size,

@@ -29,3 +29,13 @@ def torch_t256_ckpt(torch_t256, tmp_path_factory):
   from torch_reference import save_official
   cfg, model = torch_t256
   return cfg, save_official(model, tmp_path_factory.mktemp("ref") / "sam2.1_hiera_t.pt")
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _release_compiled_code():
+  """Drops each module's compiled executables when it ends: with two xdist workers on a CI
+  machine, every worker would otherwise keep the whole suite's programs in memory."""
+  yield
+  import gc
+  jax.clear_caches()
+  gc.collect()
