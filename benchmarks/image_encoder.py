@@ -21,6 +21,8 @@ import sys
 import time
 from typing import Callable, Dict, List, Optional, Sequence
 
+from benchmarks.report import emit
+
 # FLOPs per image at 1024² from the issue (2 per multiply-add, window padding included).
 GFLOPS_1024 = {"t": 290.8, "b+": 645.1, "l": 1821.2}
 
@@ -165,13 +167,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
           cells.append(f"{r['img_s']} ({r['tflops']})")
         lines.append(f"| {size} | {batch} | {dtype} | " + " | ".join(cells) + " |")
   table = "\n".join(lines)
-  print(table)
-  if args.out:
-    with open(args.out, "w") as f:
-      f.write(table + "\n")
-  if args.json:
-    with open(args.json, "w") as f:
-      json.dump({"env": env, "rows": rows}, f, indent=1)
+  emit(table, {"env": env, "rows": rows}, args.out, args.json)
   return 0
 
 

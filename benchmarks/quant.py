@@ -28,6 +28,8 @@ import sys
 import time
 from typing import Callable, Dict, List, Optional, Sequence
 
+from benchmarks.report import emit
+
 
 def _time(fn: Callable[[], object], iters: int, repeats: int) -> float:
   """Median seconds per call over `repeats` loops of `iters` calls, after two warm-up calls."""
@@ -164,13 +166,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
               "| model | ms / batch | vs float |", "|---|---|---|"]
     lines += [f"| {r['model']} | {r['ms']} | {r['ratio']}x |" for r in fwd]
   table = "\n".join(lines)
-  print(table)
-  if args.out:
-    with open(args.out, "w") as f:
-      f.write(table + "\n")
-  if args.json:
-    with open(args.json, "w") as f:
-      json.dump({"env": env, "rows": rows}, f, indent=1)
+  emit(table, {"env": env, "rows": rows}, args.out, args.json)
   return 0
 
 

@@ -37,6 +37,7 @@ import numpy as np
 
 from benchmarks.image_encoder import GFLOPS_1024
 from benchmarks.quant import _time, environment
+from benchmarks.report import emit
 
 # (device_kind substring, bf16 peak, fp32 peak) in FLOP/s, dense, per device; first match wins.
 PEAKS = (("H100 PCIe", 756e12, 51e12), ("H100", 989e12, 67e12), ("H200", 989e12, 67e12),
@@ -287,13 +288,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
   if ratios:
     lines += ["", "Quantized / float step time (target <= 1.2x):", ""] + ratios
   table = "\n".join(lines)
-  print(table)
-  if args.out:
-    with open(args.out, "a") as f:
-      f.write("\n" + table + "\n")
-  if args.json:
-    with open(args.json, "w") as f:
-      json.dump({"env": env, "command": cmd, "peak_flops": peak, "rows": rows}, f, indent=1)
+  emit(table, {"env": env, "command": cmd, "peak_flops": peak, "rows": rows}, args.out,
+       args.json, append=True)
   return 0
 
 

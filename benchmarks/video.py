@@ -34,6 +34,8 @@ import tempfile
 import time
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
+from benchmarks.report import emit
+
 # JAX and PyTorch share the GPU: JAX must not grab 75 % of its memory up front.
 os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
 
@@ -280,13 +282,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
   env = environment()
   cmd = "python -m benchmarks.video " + " ".join(argv if argv is not None else sys.argv[1:])
   table = _table(rows, args, sizes, objects, dtypes, impls, env, cmd)
-  print(table)
-  if args.out:
-    with open(args.out, "w") as f:
-      f.write(table + "\n")
-  if args.json:
-    with open(args.json, "w") as f:
-      json.dump({"env": env, "command": cmd, "rows": rows}, f, indent=1)
+  emit(table, {"env": env, "command": cmd, "rows": rows}, args.out, args.json)
   return 0
 
 

@@ -14,26 +14,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from qsam2_jax.data import synthetic
-
-
-def _positive_int(text: str) -> int:
-  try:
-    value = int(text)
-  except ValueError:
-    raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-  if value <= 0:
-    raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
-  return value
-
-
-def _non_negative_int(text: str) -> int:
-  try:
-    value = int(text)
-  except ValueError:
-    raise argparse.ArgumentTypeError(f"expected a non-negative integer, got {text!r}") from None
-  if value < 0:
-    raise argparse.ArgumentTypeError(f"expected a non-negative integer, got {value}")
-  return value
+from train.cli import nonnegative_int, positive_int
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -47,10 +28,10 @@ def build_parser() -> argparse.ArgumentParser:
   def common(p: argparse.ArgumentParser, default_size: tuple[int, int]) -> None:
     p.add_argument("--out", required=True, help="output directory (must be absent or empty "
                                                 "unless --overwrite)")
-    p.add_argument("--size", nargs=2, type=_positive_int, default=list(default_size),
+    p.add_argument("--size", nargs=2, type=positive_int, default=list(default_size),
                    metavar=("H", "W"), help=f"image height and width in pixels, each >= "
                    f"{synthetic.MIN_SIZE} (default: %(default)s)")
-    p.add_argument("--seed", type=_non_negative_int, default=0,
+    p.add_argument("--seed", type=nonnegative_int, default=0,
                    help="non-negative random seed (default: %(default)s)")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -59,7 +40,7 @@ def build_parser() -> argparse.ArgumentParser:
       "images", help="COCO instance segmentation: images/*.jpg + annotations.json (RLE masks)",
       description="Write images/*.jpg and annotations.json (COCO, RLE segmentations, bbox xywh, "
                   "categories ellipse/polygon/rectangle).")
-  images.add_argument("--images", type=_positive_int, default=64,
+  images.add_argument("--images", type=positive_int, default=64,
                       help="number of images (default: %(default)s)")
   common(images, (256, 256))
 
@@ -68,9 +49,9 @@ def build_parser() -> argparse.ArgumentParser:
       description="Write JPEGImages/<video>/00000.jpg... and Annotations/<video>/00000.png... "
                   "(palette PNGs, object ids 1..K). Objects move, occlude one another, and one "
                   "per video leaves the frame and comes back (needs --frames >= 3).")
-  video.add_argument("--videos", type=_positive_int, default=4,
+  video.add_argument("--videos", type=positive_int, default=4,
                      help="number of videos (default: %(default)s)")
-  video.add_argument("--frames", type=_positive_int, default=24,
+  video.add_argument("--frames", type=positive_int, default=24,
                      help="frames per video (default: %(default)s)")
   common(video, (256, 256))
   return parser

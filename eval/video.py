@@ -44,6 +44,7 @@ from PIL import Image
 
 from eval import metrics, plots
 from qsam2_jax.errors import UserError, report_user_errors
+from train.cli import nonnegative_int, positive_int
 
 PROTOCOLS = ("davis", "sav")
 VOID_LABEL = 255  # DAVIS "void" pixels: background for scoring, as davis2017-evaluation does
@@ -427,30 +428,13 @@ def write_outputs(result: dict[str, Any], out_dir: str) -> dict[str, str]:
 # ------------------------------------------------------------------------------------ command
 
 
-def _non_negative(text: str) -> int:
-  try:
-    v = int(text)
-  except ValueError:
-    raise argparse.ArgumentTypeError(f"expected a non-negative integer, got {text!r}") from None
-  if v < 0:
-    raise argparse.ArgumentTypeError(f"expected a non-negative integer, got {v}")
-  return v
-
-
-def _positive(text: str) -> int:
-  v = _non_negative(text)
-  if v == 0:
-    raise argparse.ArgumentTypeError("expected a positive integer, got 0")
-  return v
-
-
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
   p = argparse.ArgumentParser(prog="python -m eval.video", description=__doc__,
                               formatter_class=argparse.RawDescriptionHelpFormatter)
   p.add_argument("--ckpt", default=None,
                  help="Orbax checkpoint directory or official .pt (default: the embedded "
                       "random SAM2.1-t, train.defaults.default_checkpoint())")
-  p.add_argument("--step", type=_non_negative, default=None,
+  p.add_argument("--step", type=nonnegative_int, default=None,
                  help="Orbax step (default: the latest)")
   p.add_argument("--data", default=None,
                  help="dataset root with JPEGImages/ and Annotations/ (default: the embedded "
@@ -460,15 +444,15 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                       "(default: %(default)s)")
   p.add_argument("--videos", default=None,
                  help="comma-separated video names, or a text file with one name a line")
-  p.add_argument("--max-videos", type=_positive, default=None, help="evaluate the first N only")
-  p.add_argument("--image-size", type=_positive, default=None,
+  p.add_argument("--max-videos", type=positive_int, default=None, help="evaluate the first N only")
+  p.add_argument("--image-size", type=positive_int, default=None,
                  help="model input size (default: the checkpoint's; 1024 for .pt files)")
   p.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32",
                  help="compute dtype; parameters stay float32 (default: %(default)s)")
   p.add_argument("--out", default=None,
                  help="output folder (default: <ckpt>/eval like eval.image, or <file>_eval for "
                       "a file; runs/eval_video for the embedded checkpoint)")
-  p.add_argument("--strips", type=_non_negative, default=3,
+  p.add_argument("--strips", type=nonnegative_int, default=3,
                  help="overlay PNG strips for the first K videos (default: %(default)s)")
   p.add_argument("--score-all-frames", action="store_true",
                  help="also score the first and the last annotated frames")

@@ -29,48 +29,9 @@ from typing import Any, Dict, Optional, Sequence, Tuple
 import numpy as np
 
 from qsam2_jax.errors import UserError, report_user_errors
+from train.cli import ArgumentParser, nonnegative_int, positive_int, vrc_lambda
 
 BITS = (2, 3, 4, 8)
-
-
-class ArgumentParser(argparse.ArgumentParser):
-  """argparse whose errors are one `error: ...` line (exit 2) via `report_user_errors`."""
-
-  def error(self, message: str):
-    raise UserError(f"{message} (see --help)")
-
-
-def parse_lambda(text: str):
-  """'auto' or a non-negative float."""
-  if text == "auto":
-    return "auto"
-  try:
-    value = float(text)
-  except ValueError:
-    raise argparse.ArgumentTypeError(f"expected a number or 'auto', got {text!r}") from None
-  if not np.isfinite(value) or value < 0:
-    raise argparse.ArgumentTypeError(f"must be a non-negative number or 'auto', got {text!r}")
-  return value
-
-
-def positive_int(text: str) -> int:
-  try:
-    value = int(text)
-  except ValueError:
-    raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
-  if value < 1:
-    raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-  return value
-
-
-def nonnegative_int(text: str) -> int:
-  try:
-    value = int(text)
-  except ValueError:
-    raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
-  if value < 0:
-    raise argparse.ArgumentTypeError(f"must be at least 0, got {value}")
-  return value
 
 
 def add_common_args(p: argparse.ArgumentParser) -> None:
@@ -92,7 +53,7 @@ def add_common_args(p: argparse.ArgumentParser) -> None:
   p.add_argument("--seed", type=int, default=0,
                  help="seed of the image selection and of the measurement prompts")
   p.add_argument("--batch-size", type=positive_int, default=4, help="images per forward")
-  p.add_argument("--lambda", dest="lam", type=parse_lambda, default=None,
+  p.add_argument("--lambda", dest="lam", type=vrc_lambda, default=None,
                  help="VRC lambda_0, or 'auto' (per layer, minimizing the quantized output "
                       "error at --bits) (default 3e-3)")
   p.add_argument("--lambda-mode", choices=("relative", "absolute"), default="relative",

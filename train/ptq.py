@@ -30,7 +30,8 @@ from typing import Any, Dict, Optional, Sequence
 
 from qsam2_jax.errors import UserError, report_user_errors
 from train.calibrate import (
-    ArgumentParser, add_common_args, check_paths, load_float_model, load_images, write_json)
+    add_common_args, check_paths, load_float_model, load_images, write_json)
+from train.cli import ArgumentParser
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import os
 import shutil
 import signal
@@ -34,7 +33,8 @@ from typing import Any, Dict, Optional, Sequence
 import numpy as np
 
 from qsam2_jax.errors import UserError, report_user_errors
-from train.calibrate import ArgumentParser, nonnegative_int, positive_int
+from train.cli import (
+    ArgumentParser, nonnegative_float, nonnegative_int, positive_int, vrc_lambda_or_off)
 from train.config import ACT_BITS, BITS, METHODS, PRESETS, TrainConfig
 
 # Flags that may differ when resuming; the others must match the run being resumed.
@@ -48,28 +48,6 @@ class TrainingError(RuntimeError):
 
 
 # ------------------------------------------------------------------------------ command line
-
-
-def _lambda(text: str):
-  if text in ("auto", "off"):
-    return text
-  try:
-    value = float(text)
-  except ValueError:
-    raise argparse.ArgumentTypeError(f"expected a number, 'auto' or 'off', got {text!r}") from None
-  if not np.isfinite(value) or value < 0:
-    raise argparse.ArgumentTypeError(f"must be a non-negative number, got {text!r}")
-  return value
-
-
-def _nonneg_float(text: str) -> float:
-  try:
-    value = float(text)
-  except ValueError:
-    raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-  if not np.isfinite(value) or value < 0:
-    raise argparse.ArgumentTypeError(f"must be a non-negative number, got {text!r}")
-  return value
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -90,7 +68,7 @@ def build_parser() -> argparse.ArgumentParser:
                  "minmax; fp = full-precision fine-tuning (default qsam2)")
   g.add_argument("--preset", choices=PRESETS, help="paper: whole model (first/last layers at 8 "
                  "bits); encoder: only the image encoder's linears (default paper)")
-  g.add_argument("--vrc-lambda", type=_lambda, help="VRC lambda_0: a number, 'auto' (per layer) "
+  g.add_argument("--vrc-lambda", type=vrc_lambda_or_off, help="VRC lambda_0: a number, 'auto' (per layer) "
                  "or 'off' (no VRC) (default 3e-3)")
   g.add_argument("--vrc-lambda-mode", choices=("relative", "absolute"),
                  help="lambda = lambda_0 * trace(S)/d_in (relative, default) or lambda_0")
@@ -114,13 +92,13 @@ def build_parser() -> argparse.ArgumentParser:
   g.add_argument("--steps", type=positive_int, help=f"{default('steps')}")
   g.add_argument("--batch-size", type=positive_int,
                  help=f"global batch, images over all processes {default('batch_size')}")
-  g.add_argument("--lr", type=_nonneg_float, help=f"weights' peak learning rate {default('lr')}")
-  g.add_argument("--clip-lr", type=_nonneg_float,
+  g.add_argument("--lr", type=nonnegative_float, help=f"weights' peak learning rate {default('lr')}")
+  g.add_argument("--clip-lr", type=nonnegative_float,
                  help=f"clip factors' peak learning rate {default('clip_lr')}")
-  g.add_argument("--weight-decay", type=_nonneg_float, help=f"{default('weight_decay')}")
+  g.add_argument("--weight-decay", type=nonnegative_float, help=f"{default('weight_decay')}")
   g.add_argument("--warmup-steps", type=nonnegative_int, help="(default: 5%% of --steps)")
-  g.add_argument("--grad-clip", type=_nonneg_float, help="global-norm clip, 0 = off (default 1)")
-  g.add_argument("--distill", type=_nonneg_float,
+  g.add_argument("--grad-clip", type=nonnegative_float, help="global-norm clip, 0 = off (default 1)")
+  g.add_argument("--distill", type=nonnegative_float,
                  help="weight of the MSE to the FP model's mask logits (default 0)")
   g.add_argument("--seed", type=int, help="data order, augmentation and prompts (default 0)")
   g = p.add_argument_group("parallelism")
