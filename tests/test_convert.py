@@ -1,8 +1,12 @@
 """Converters: .pt -> Orbax -> .pt bit-exact and strict-loadable, config detection, clear errors."""
 
+import contextlib
+import importlib
+import io
 import os
 import subprocess
 import sys
+import types
 
 import numpy as np
 import pytest
@@ -20,8 +24,25 @@ N_KEYS = {"t": 471, "s": 519, "b+": 615, "l": 903}
 
 
 def _cli(*args):
-  return subprocess.run([sys.executable, "-m", *args], cwd=ROOT, capture_output=True, text=True,
-                        timeout=600)
+  """Runs `python -m <args>` in this process (the converters' `main`), as a subprocess would
+  be seen: exit code, stdout, stderr. `test_module_entry_point` runs one real subprocess."""
+  module = importlib.import_module(args[0])
+  out, err = io.StringIO(), io.StringIO()
+  with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+    try:
+      code = module.main([str(a) for a in args[1:]])
+    except SystemExit as e:
+      code = e.code
+  return types.SimpleNamespace(returncode=code, stdout=out.getvalue(), stderr=err.getvalue())
+
+
+def test_module_entry_point(tmp_path):
+  """`python -m convert.from_torch` as a real process: exit status and one-line error."""
+  r = subprocess.run([sys.executable, "-m", "convert.from_torch", "--ckpt",
+                      str(tmp_path / "nope.pt"), "--out", str(tmp_path / "o")], cwd=ROOT,
+                     capture_output=True, text=True, timeout=600)
+  assert r.returncode == 2 and r.stderr.startswith("error: ") and "nope.pt" in r.stderr, r.stderr
+  assert "Traceback" not in r.stderr
 
 
 @pytest.mark.parametrize("name", [

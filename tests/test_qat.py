@@ -124,7 +124,8 @@ def _get(tree, path):
   return node
 
 
-def test_step_updates_optimizer_clip_factor_and_statistics(data_dir):
+@pytest.mark.slow  # compiles the quantized step (~1 min on CPU); the default suite checks the same
+def test_step_updates_optimizer_clip_factor_and_statistics(data_dir):  # on a toy (test_quant_model)
   run = _run("q", "one", data_dir)
   (m0, o0), after = run["initial"], jax.device_get(run["model"])
   assert np.all(np.isfinite(run["losses"]))
@@ -193,8 +194,9 @@ def _abstract(tree, shardings):
                       tree, shardings)
 
 
-@pytest.mark.parametrize("kind,src,dst", [("fp", "data=4,fsdp=2", "one"),
-                                          ("q", "one", "data=4,fsdp=2")])
+@pytest.mark.parametrize("kind,src,dst", [
+    ("fp", "data=4,fsdp=2", "one"), ("fp", "one", "data=4,fsdp=2"),
+    pytest.param("q", "one", "data=4,fsdp=2", marks=pytest.mark.slow)])
 def test_checkpoint_restores_on_another_mesh(data_dir, tmp_path, kind, src, dst):
   """Saved on 8 devices (FSDP-sharded) -> restored on 1, and the other way round."""
   saved, target = _run(kind, src, data_dir), _steps(kind, dst, data_dir)[0]
