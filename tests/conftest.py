@@ -42,7 +42,8 @@ def _release_compiled_code():
 
 
 # The longest modules first (measured on 2 CPU cores), so that `make test`'s two xdist workers
-# (--dist loadfile hands out whole modules in collection order) finish at about the same time.
+# (--dist loadfile --no-loadscope-reorder hands out whole modules in collection order) finish at
+# about the same time.
 _LONG_FIRST = ("test_qat_runs.py", "test_calibrate_ptq.py", "test_export.py", "test_qat.py",
                "test_video_predictor.py", "test_quant_model.py", "test_eval_video.py",
                "test_convert.py")
