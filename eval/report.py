@@ -28,6 +28,8 @@ from qsam2_jax.errors import UserError, report_user_errors
 
 DASH = "–"
 MAX_DEPTH = 4
+# Counters and clocks in metrics.jsonl, not curves worth a panel.
+NOT_CURVES = ("step", "time", "num_objects")
 MAX_CURVES = 6
 
 
@@ -162,7 +164,9 @@ def method_and_bits(meta: Dict[str, Any]) -> tuple[str, str]:
   if not q:
     return (kind or DASH), ("FP" if meta else DASH)
   bits = f"W{q['bits']}A{q.get('act_bits') or q['bits']}"
-  method = f"{q.get('method', '?')} ({q.get('preset', '?')})"
+  # A QAT run names its method as the user chose it (qsam2 = LSC quantizers after VRC).
+  name = (meta.get("run") or {}).get("method") or q.get("method", "?")
+  method = f"{name} ({q.get('preset', '?')})"
   return (f"{kind} {method}" if kind else method), bits
 
 
@@ -249,8 +253,9 @@ def plot_training_curves(rows: Sequence[Dict[str, Any]], path: str) -> Optional[
     if not r["metrics_jsonl"]:
       continue
     lines = read_metrics_jsonl(r["metrics_jsonl"])
-    keys = sorted({k for ln in lines for k, v in ln.items() if k != "step"
-                   and isinstance(v, (int, float)) and not isinstance(v, bool)})
+    keys = sorted({k for ln in lines for k, v in ln.items() if k not in NOT_CURVES
+                   and not k.endswith("masks") and isinstance(v, (int, float))
+                   and not isinstance(v, bool)})
     for k in keys:
       pts = [(ln.get("step", i), ln[k]) for i, ln in enumerate(lines)
              if isinstance(ln.get(k), (int, float)) and math.isfinite(ln[k])]
@@ -258,7 +263,8 @@ def plot_training_curves(rows: Sequence[Dict[str, Any]], path: str) -> Optional[
         series.setdefault(k, {})[r["name"]] = tuple(zip(*pts))
   if not series:
     return None
-  keys = sorted(series, key=lambda k: (k != "loss", "loss" not in k, k))[:MAX_CURVES]
+  keys = sorted(series, key=lambda k: (k != "loss", "loss" not in k and "miou" not in k, k))
+  keys = keys[:MAX_CURVES]
   from matplotlib.backends.backend_agg import FigureCanvasAgg
   from matplotlib.figure import Figure
   cols = min(3, len(keys))
@@ -268,7 +274,8 @@ def plot_training_curves(rows: Sequence[Dict[str, Any]], path: str) -> Optional[
   for i, k in enumerate(keys):
     ax = fig.add_subplot(nrows, cols, i + 1)
     for name, (x, y) in series[k].items():
-      ax.plot(x, y, label=name, linewidth=1.2)
+      ax.plot(x, y, label=name, linewidth=1.2, marker="o" if len(x) < 8 else None,
+              markersize=3)
     ax.set_title(k)
     ax.set_xlabel("step")
     if "loss" in k and all(v > 0 for _, ys in series[k].values() for v in ys):
