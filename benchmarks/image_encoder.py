@@ -5,7 +5,7 @@
                                                           # a CPU smoke run
 
 Random weights (speed does not depend on them). Each cell is the median over `--repeats` timed
-loops of `--iters` forwards after warm-up; img/s = batch * iters / time. TFLOP/s uses SAM2's
+loops of `--iters` forwards after warm-up; img/s = batch / (time per forward). TFLOP/s uses SAM2's
 FLOPs per image at 1024² (2 per multiply-add, window padding included), scaled by
 (image_size/1024)² for other sizes. Prints a markdown table (and writes it with --out).
 """
@@ -16,31 +16,15 @@ import argparse
 import datetime
 import json
 import platform
-import statistics
 import sys
 import time
 from typing import Callable, Dict, List, Optional, Sequence
 
 from benchmarks.report import emit
+from benchmarks.timing import median_seconds
 
 # FLOPs per image at 1024² from the issue (2 per multiply-add, window padding included).
 GFLOPS_1024 = {"t": 290.8, "b+": 645.1, "l": 1821.2}
-
-
-def _time(fn: Callable[[], object], sync: Callable[[object], None], iters: int,
-          repeats: int) -> float:
-  """Median seconds per `iters` calls."""
-  sync(fn())
-  sync(fn())
-  times = []
-  for _ in range(repeats):
-    t = time.perf_counter()
-    out = None
-    for _ in range(iters):
-      out = fn()
-    sync(out)
-    times.append(time.perf_counter() - t)
-  return statistics.median(times)
 
 
 def jax_runner(size: str, batch: int, dtype: str, image_size: int) -> Callable[[], object]:
@@ -145,8 +129,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             fn = torch_runner(size, batch, dtype, args.image_size, impl == "torch-compile")
             sync = _sync_torch
           t0 = time.perf_counter()
-          sec = _time(fn, sync, args.iters, args.repeats)
-          ips = batch * args.iters / sec
+          sec = median_seconds(fn, args.iters, args.repeats, sync)
+          ips = batch / sec
           row = dict(size=size, batch=batch, dtype=dtype, impl=impl, img_s=round(ips, 2),
                      tflops=round(ips * gflop / 1e3, 2),
                      total_s=round(time.perf_counter() - t0, 1))

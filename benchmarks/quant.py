@@ -23,28 +23,12 @@ import argparse
 import datetime
 import json
 import platform
-import statistics
 import sys
 import time
-from typing import Callable, Dict, List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence
 
 from benchmarks.report import emit
-
-
-def _time(fn: Callable[[], object], iters: int, repeats: int) -> float:
-  """Median seconds per call over `repeats` loops of `iters` calls, after two warm-up calls."""
-  import jax
-  jax.block_until_ready(fn())
-  jax.block_until_ready(fn())
-  times = []
-  for _ in range(repeats):
-    t = time.perf_counter()
-    out = None
-    for _ in range(iters):
-      out = fn()
-    jax.block_until_ready(out)
-    times.append((time.perf_counter() - t) / iters)
-  return statistics.median(times)
+from benchmarks.timing import median_seconds
 
 
 def environment() -> Dict[str, str]:
@@ -99,7 +83,7 @@ def bench_forward(cfg, args) -> List[Dict[str, object]]:
   batch = (batch[0].astype(dtype), batch[1])
   rows = []
   fp = commit_state(build_sam2(cfg, dtype=dtype, seed=0))
-  t_fp = _time(lambda: _outputs_jit(fp, batch), args.iters, args.repeats)
+  t_fp = median_seconds(lambda: _outputs_jit(fp, batch), args.iters, args.repeats)
   rows.append(dict(part="forward", model="float", dtype=args.dtype, batch=args.batch,
                    ms=round(1e3 * t_fp, 2), ratio=1.0))
   print(json.dumps(rows[-1]), flush=True)
@@ -108,7 +92,7 @@ def bench_forward(cfg, args) -> List[Dict[str, object]]:
   recipe.apply(q)
   calibrate_ranges(q, images[:args.batch], batch_size=args.batch, progress=False)
   commit_state(q)
-  t_q = _time(lambda: _outputs_jit(q, batch), args.iters, args.repeats)
+  t_q = median_seconds(lambda: _outputs_jit(q, batch), args.iters, args.repeats)
   rows.append(dict(part="forward", model=recipe.tag, dtype=args.dtype, batch=args.batch,
                    ms=round(1e3 * t_q, 2), ratio=round(t_q / t_fp, 3)))
   print(json.dumps(rows[-1]), flush=True)

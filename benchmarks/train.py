@@ -36,8 +36,9 @@ from typing import Any, Dict, List, Optional, Sequence
 import numpy as np
 
 from benchmarks.image_encoder import GFLOPS_1024
-from benchmarks.quant import _time, environment
+from benchmarks.quant import environment
 from benchmarks.report import emit
+from benchmarks.timing import median_seconds
 
 # (device_kind substring, bf16 peak, fp32 peak) in FLOP/s, dense, per device; first match wins.
 PEAKS = (("H100 PCIe", 756e12, 51e12), ("H100", 989e12, 67e12), ("H200", 989e12, 67e12),
@@ -144,7 +145,7 @@ class Bench:
         return state, metrics
 
       if timed:
-        row["step_s"] = _time(step, 1, self.args.iters)
+        row["step_s"] = median_seconds(step, 1, self.args.iters)
         row["loss"] = float(step()[1]["loss"])
       else:
         jax.block_until_ready(step())

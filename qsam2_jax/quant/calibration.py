@@ -420,7 +420,7 @@ def calibrate_ranges(model: nnx.Module, images: np.ndarray, *, batch_size: int =
   """
   set_mode(model, "calibrate")
   commit_state(model)
-  for batch in _progress(batches(images, batch_size, prompt_seed), "PTQ: calibration",
+  for batch in _progress(batches(images, batch_size, prompt_seed), "range calibration",
                          progress):
     jax.block_until_ready(_outputs_jit(model, batch))
   return set_mode(model, "eval")
