@@ -11,11 +11,17 @@ model is exercised, and shifts the object-score bias so random weights call obje
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from typing import Any, Optional, Sequence
 
+from qsam2_jax import checkpoint
+from qsam2_jax.data.synthetic import DEFAULT_IMAGE_SIZE, cache_dir
 from qsam2_jax.errors import report_user_errors
 from qsam2_jax.model.configs import CONFIGS, SAM2Config, get_config
+
+# The embedded default model: every command runs on it when given no checkpoint.
+DEFAULT_CONFIG = "sam2.1_hiera_t"
 
 
 def build_torch_sam2(cfg: SAM2Config, seed: int = 0, video: bool = False,
@@ -63,10 +69,33 @@ def save_official(model: Any, path: str) -> str:
   return save_torch_state_dict(sd, path)
 
 
+def default_checkpoint(image_size: int = DEFAULT_IMAGE_SIZE, seed: int = 0) -> str:
+  """Orbax directory of the embedded random SAM2.1-t at `image_size`, created on first use.
+
+  The official-format `.pt` (built with the `sam2` package, since real weights cannot be
+  downloaded here) and its conversion are cached in `qsam2_jax.data.synthetic.cache_dir()`.
+  """
+  out = os.path.join(cache_dir(), f"{DEFAULT_CONFIG}_random{seed}_{image_size}")
+  if os.path.isdir(out):
+    return out
+  pt = os.path.join(cache_dir(), f"{DEFAULT_CONFIG}_random{seed}.pt")
+  if not os.path.exists(pt):
+    save_official(build_torch_sam2(get_config(DEFAULT_CONFIG), seed=seed), pt)
+  sd = checkpoint.read_torch_state_dict(pt)
+  cfg = get_config(DEFAULT_CONFIG, image_size=image_size)
+  model = checkpoint.model_from_state_dict(sd, cfg, source=pt)
+  meta = {"config": cfg.name, "image_size": image_size, "kind": "fp", "source": pt}
+  try:
+    checkpoint.save_model(out, model, meta)
+  except checkpoint.CheckpointError:
+    pass  # another process created it meanwhile
+  return out
+
+
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
   p = argparse.ArgumentParser(prog="python -m convert.random_checkpoint", description=__doc__,
                               formatter_class=argparse.RawDescriptionHelpFormatter)
-  p.add_argument("--config", choices=sorted(CONFIGS), default="sam2.1_hiera_t")
+  p.add_argument("--config", choices=sorted(CONFIGS), default=DEFAULT_CONFIG)
   p.add_argument("--out", required=True, help="output .pt file")
   p.add_argument("--seed", type=int, default=0)
   p.add_argument("--no-randomize-constants", dest="randomize", action="store_false",

@@ -19,26 +19,19 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import uuid
 from typing import Optional, Sequence
 
 from qsam2_jax.errors import UserError, report_user_errors
+from qsam2_jax.files import atomic_path
 
 
 def save_torch_state_dict(state_dict, path: str) -> str:
   """`torch.save({"model": ...})` through a temporary file, so no half-written file remains."""
   import torch
   tensors = {k: torch.from_numpy(v.copy()).contiguous() for k, v in state_dict.items()}
-  path = os.path.abspath(path)
-  os.makedirs(os.path.dirname(path), exist_ok=True)
-  tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
-  try:
+  with atomic_path(path) as tmp:
     torch.save({"model": tensors}, tmp)
-    os.replace(tmp, path)
-  finally:
-    if os.path.exists(tmp):
-      os.remove(tmp)
-  return path
+  return os.path.abspath(path)
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
@@ -63,8 +56,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
   args = parse_args(argv)
   if args.out is None and args.packed is None:
     raise UserError("nothing to write: give --out FILE.pt and/or --packed FILE")
-  from qsam2_jax.export import dequantized_state_dict, load_with_meta
+  from qsam2_jax.checkpoint import load_with_meta
   from qsam2_jax.quant import packed_file
+  from qsam2_jax.quant.encode import dequantized_state_dict
+  from qsam2_jax.quant.size import size_report
   if args.packed is not None and packed_file.is_packed_file(args.ckpt):
     raise UserError(f"{args.ckpt} is already a packed file (its weights are dequantized once "
                     "loaded, so packing it again would store them as floats)")
@@ -81,7 +76,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
           f"hydra_overrides_extra=['++model.image_size={meta['image_size']}']))")
   if args.packed is not None:
     pm = packed_file.save(args.packed, model, meta, float_dtype=args.float_dtype)
-    from eval.size import size_report
     rep = size_report(pm.manifest, os.path.getsize(args.packed))
     print(f"{args.ckpt}: packed {what} model -> {os.path.abspath(args.packed)} "
           f"({rep['file_size']:,} bytes: {rep['model_ratio']:.2f}x smaller than BF16, image "

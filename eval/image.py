@@ -230,7 +230,7 @@ def write_overlay(path: str, image: np.ndarray, gt_masks, gt_boxes, masks, boxes
                           boxes={i + 1: b for i, b in enumerate(boxes)})
   img = plots.grid([[gt_tile, pr_tile]], col_labels=["ground truth", "prediction"],
                    max_side=480)
-  from eval.report import atomic_path
+  from qsam2_jax.files import atomic_path
   with atomic_path(path) as tmp:
     img.save(tmp, format="PNG")
   return path
@@ -313,9 +313,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     raise UserError(f"--max-images must be positive, got {args.max_images}")
   if args.chunk < 1 or args.max_dets < 1:
     raise UserError("--chunk and --max-dets must be positive")
-  from train import defaults
-  ckpt = args.ckpt or defaults.default_checkpoint()
-  data = args.data or defaults.default_image_data()
+  from convert.random_checkpoint import default_checkpoint
+  from qsam2_jax.data.synthetic import default_image_data
+  ckpt = args.ckpt or default_checkpoint()
+  data = args.data or default_image_data()
   gt, image_root = load_gt(data)
   img_ids = list(gt.imgs)
   if args.max_images is not None:
@@ -324,7 +325,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
   if args.boxes != "gt":
     detections = load_detections(args.boxes, gt, args.max_dets)
 
-  from qsam2_jax.export import load_with_meta
+  from qsam2_jax.checkpoint import load_with_meta
   from qsam2_jax.predictor import ImagePredictor
   t0 = time.time()
   model, meta = load_with_meta(ckpt, step=args.step, image_size=args.image_size)
@@ -342,7 +343,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             "image_size": meta.get("image_size"), "quant": meta.get("quant"),
             "model_kind": meta.get("kind"), **summary, **ap,
             "seconds": round(time.time() - t0, 1)}
-  from eval.report import write_csv, write_json
+  from qsam2_jax.files import write_csv, write_json
   write_json(os.path.join(out, "image_metrics.json"), report)
   write_csv(os.path.join(out, "image_instances.csv"), rows, CSV_FIELDS)
   print(f"{report['ckpt']} on {report['data']} ({summary['num']} instances, "

@@ -1,4 +1,4 @@
-"""A markdown report comparing runs, with figures; and the result writers the eval commands share.
+"""A markdown report comparing runs, with figures.
 
   python -m eval.report --runs runs/fp runs/w4a4 runs/w2a2 --out report.md
 
@@ -14,75 +14,21 @@ and the VRC figures found in each run (PNG files whose name contains "vrc"), cop
 from __future__ import annotations
 
 import argparse
-import contextlib
-import csv
 import json
 import math
 import os
 import shutil
 import sys
-import uuid
 from typing import Any, Dict, Iterator, List, Optional, Sequence
 
 from qsam2_jax.errors import UserError, report_user_errors
+from qsam2_jax.files import atomic_path, write_text
 
 DASH = "–"
 MAX_DEPTH = 4
 # Counters and clocks in metrics.jsonl, not curves worth a panel.
 NOT_CURVES = ("step", "time", "num_objects")
 MAX_CURVES = 6
-
-
-# ---------------------------------------------------------------------------- writers
-
-
-@contextlib.contextmanager
-def atomic_path(path: str) -> Iterator[str]:
-  """Yields a temporary path next to `path`; renamed onto it if the block succeeds."""
-  path = os.path.abspath(path)
-  os.makedirs(os.path.dirname(path), exist_ok=True)
-  root, ext = os.path.splitext(path)
-  tmp = f"{root}.tmp-{uuid.uuid4().hex[:8]}{ext}"
-  try:
-    yield tmp
-    os.replace(tmp, path)
-  finally:
-    if os.path.exists(tmp):
-      os.remove(tmp)
-
-
-def _jsonable(v: Any) -> Any:
-  if isinstance(v, float) and not math.isfinite(v):
-    return None
-  if isinstance(v, dict):
-    return {str(k): _jsonable(x) for k, x in v.items()}
-  if isinstance(v, (list, tuple)):
-    return [_jsonable(x) for x in v]
-  if hasattr(v, "item") and callable(v.item):  # numpy scalars
-    return _jsonable(v.item())
-  return v
-
-
-def write_json(path: str, obj: Dict[str, Any]) -> str:
-  """Atomic JSON (NaN and inf written as null, so any JSON reader accepts the file)."""
-  with atomic_path(path) as tmp, open(tmp, "w") as f:
-    json.dump(_jsonable(obj), f, indent=1)
-  return path
-
-
-def write_csv(path: str, rows: Sequence[Dict[str, Any]], fields: Sequence[str]) -> str:
-  with atomic_path(path) as tmp, open(tmp, "w", newline="") as f:
-    w = csv.DictWriter(f, fieldnames=list(fields), extrasaction="ignore")
-    w.writeheader()
-    for r in rows:
-      w.writerow(r)
-  return path
-
-
-def write_text(path: str, text: str) -> str:
-  with atomic_path(path) as tmp, open(tmp, "w") as f:
-    f.write(text)
-  return path
 
 
 # ---------------------------------------------------------------------------- reading runs
@@ -194,8 +140,8 @@ def collect(run: str) -> Dict[str, Any]:
     row["size_bytes"] = _find(size["data"], "file_size")
     row["size_ratio"] = _find(size["data"], "model_ratio")
   elif os.path.isfile(run) and meta:
-    from eval.size import size_report
     from qsam2_jax.quant import packed_file
+    from qsam2_jax.quant.size import size_report
     m = packed_file.read_manifest(run)
     rep = size_report(m, m["file_size"])
     row["size_bytes"], row["size_ratio"] = rep["file_size"], rep["model_ratio"]

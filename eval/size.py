@@ -21,84 +21,8 @@ import tempfile
 from typing import Any, Dict, Optional, Sequence
 
 from qsam2_jax.errors import UserError, report_user_errors
-
-# (state-dict prefix, label); everything else is "rest" (object-pointer heads, embeddings).
-COMPONENTS = (
-    ("image_encoder", "image encoder"),
-    ("memory_attention", "memory attention"),
-    ("memory_encoder", "memory encoder"),
-    ("sam_prompt_encoder", "prompt encoder"),
-    ("sam_mask_decoder", "mask decoder"),
-)
-REST = "rest"
-BF16_BYTES = 2
-
-
-def component_of(key: str) -> str:
-  """The component label of a state-dict key or an NNX path."""
-  head = key.split(".", 1)[0]
-  for prefix, label in COMPONENTS:
-    if head == prefix:
-      return label
-  return REST
-
-
-def _empty() -> Dict[str, Any]:
-  return {"params": 0, "quantized_params": 0, "code_bytes": 0, "range_bytes": 0,
-          "float_bytes": 0, "state_bytes": 0, "params_by_bits": {}}
-
-
-def _finish(c: Dict[str, Any]) -> Dict[str, Any]:
-  c["bf16_bytes"] = BF16_BYTES * c["params"]
-  c["packed_bytes"] = c["code_bytes"] + c["range_bytes"] + c["float_bytes"] + c["state_bytes"]
-  c["bits_per_param"] = 8.0 * c["packed_bytes"] / c["params"] if c["params"] else float("nan")
-  c["ratio"] = c["bf16_bytes"] / c["packed_bytes"] if c["packed_bytes"] else float("nan")
-  c["params_by_bits"] = dict(sorted(c["params_by_bits"].items()))
-  return c
-
-
-def size_report(manifest: Dict[str, Any], file_size: int) -> Dict[str, Any]:
-  """Per-component sizes from a packed file's manifest and its size on disk.
-
-  Returns:
-    {"components": {label: {...}}, "total": {...}, "encoder_ratio", "model_ratio",
-     "file_size", "header_bytes"}; per component: params, quantized_params, params_by_bits
-     ({"2": n, "float16": m, ...}), code/range/float/state bytes, packed_bytes, bf16_bytes,
-     bits_per_param and ratio.
-  """
-  comps = {label: _empty() for _, label in COMPONENTS}
-  comps[REST] = _empty()
-  for key, e in manifest["tensors"].items():
-    c = comps[component_of(key)]
-    n = 1
-    for d in e["shape"]:
-      n *= int(d)
-    c["params"] += n
-    if e["kind"] == "quantized":
-      c["quantized_params"] += n
-      c["code_bytes"] += e["codes"][1]
-      c["range_bytes"] += sum(e[k][1] for k in ("lo", "step") if e.get(k))
-      label = str(e["bits"])
-    else:
-      c["float_bytes"] += e["data"][1]
-      label = e["dtype"]
-    c["params_by_bits"][label] = c["params_by_bits"].get(label, 0) + n
-  for path, e in manifest.get("quantizer_state", {}).items():
-    comps[component_of(path)]["state_bytes"] += e["data"][1]
-  total = _empty()
-  for c in comps.values():
-    for k in ("params", "quantized_params", "code_bytes", "range_bytes", "float_bytes",
-              "state_bytes"):
-      total[k] += c[k]
-    for b, n in c["params_by_bits"].items():
-      total["params_by_bits"][b] = total["params_by_bits"].get(b, 0) + n
-  comps = {k: _finish(v) for k, v in comps.items()}
-  total = _finish(total)
-  header = file_size - manifest["data_size"]
-  return {"components": comps, "total": total,
-          "encoder_ratio": comps["image encoder"]["ratio"],
-          "model_ratio": total["bf16_bytes"] / file_size,
-          "file_size": file_size, "header_bytes": header}
+from qsam2_jax.files import write_json
+from qsam2_jax.quant.size import size_report
 
 
 def _mb(n: float) -> str:
@@ -140,7 +64,7 @@ def measure(ckpt: Optional[str], *, step: Optional[int] = None, packed: Optional
     rep.update(source=os.path.abspath(packed), config=manifest["config"],
                quant=manifest.get("quant"), float_dtype=manifest.get("float_dtype"))
     return rep
-  from qsam2_jax.export import load_with_meta
+  from qsam2_jax.checkpoint import load_with_meta
   model, meta = load_with_meta(ckpt, step=step)
   with tempfile.TemporaryDirectory() as tmp:
     path = os.path.join(tmp, "model.qsam")
@@ -173,7 +97,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
   args = parse_args(argv)
   ckpt = args.ckpt
   if ckpt is None and args.packed is None:
-    from train.defaults import default_checkpoint
+    from convert.random_checkpoint import default_checkpoint
     ckpt = default_checkpoint()
   if args.packed is not None and not os.path.isfile(args.packed):
     raise UserError(f"--packed {args.packed}: no such file (write one with "
@@ -184,7 +108,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
           if q else "float")
   print(format_report(rep, f"{rep['source']}: {rep['config']} ({what})"))
   if args.json:
-    from eval.report import write_json
     write_json(args.json, {"kind": "eval.size", **rep})
   return 0
 

@@ -29,10 +29,8 @@ Orbax directories, FP or quantized.
 from __future__ import annotations
 
 import argparse
-import csv
 import dataclasses
 import datetime
-import json
 import os
 import sys
 import time
@@ -44,6 +42,7 @@ from PIL import Image
 
 from eval import metrics, plots
 from qsam2_jax.errors import UserError, report_user_errors
+from qsam2_jax.files import write_csv, write_json
 from train.cli import nonnegative_int, positive_int
 
 PROTOCOLS = ("davis", "sav")
@@ -403,25 +402,20 @@ def format_table(result: dict[str, Any]) -> str:
 
 def write_outputs(result: dict[str, Any], out_dir: str) -> dict[str, str]:
   """jf.json, jf_per_video.csv and jf_per_object.csv; returns their paths."""
-  os.makedirs(out_dir, exist_ok=True)
   paths = {"json": os.path.join(out_dir, "jf.json"),
            "per_video": os.path.join(out_dir, "jf_per_video.csv"),
            "per_object": os.path.join(out_dir, "jf_per_object.csv")}
-  with open(paths["json"], "w") as f:
-    json.dump(result, f, indent=1)
-  with open(paths["per_video"], "w", newline="") as f:
-    w = csv.writer(f)
-    w.writerow(["video", "objects", "frames", "scored_frames", "J", "F", "J&F", "seconds", "fps"])
-    for name, v in result["videos"].items():
-      w.writerow([name, len(v["objects"]), v["num_frames"], v["scored_frames"],
-                  f"{v['J']:.4f}", f"{v['F']:.4f}", f"{v['J&F']:.4f}", f"{v['seconds']:.3f}",
-                  f"{v['fps']:.2f}"])
-  with open(paths["per_object"], "w", newline="") as f:
-    w = csv.writer(f)
-    w.writerow(["video", "object", "J", "F", "J&F"])
-    for name, v in result["videos"].items():
-      for obj, s in v["objects"].items():
-        w.writerow([name, obj, f"{s['J']:.4f}", f"{s['F']:.4f}", f"{s['J&F']:.4f}"])
+  write_json(paths["json"], result)
+  videos = [{"video": name, "objects": len(v["objects"]), "frames": v["num_frames"],
+             "scored_frames": v["scored_frames"], "J": f"{v['J']:.4f}", "F": f"{v['F']:.4f}",
+             "J&F": f"{v['J&F']:.4f}", "seconds": f"{v['seconds']:.3f}", "fps": f"{v['fps']:.2f}"}
+            for name, v in result["videos"].items()]
+  write_csv(paths["per_video"], videos, ["video", "objects", "frames", "scored_frames", "J", "F",
+                                         "J&F", "seconds", "fps"])
+  objects = [{"video": name, "object": obj, "J": f"{s['J']:.4f}", "F": f"{s['F']:.4f}",
+              "J&F": f"{s['J&F']:.4f}"}
+             for name, v in result["videos"].items() for obj, s in v["objects"].items()]
+  write_csv(paths["per_object"], objects, ["video", "object", "J", "F", "J&F"])
   return paths
 
 
@@ -433,12 +427,12 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                               formatter_class=argparse.RawDescriptionHelpFormatter)
   p.add_argument("--ckpt", default=None,
                  help="Orbax checkpoint directory or official .pt (default: the embedded "
-                      "random SAM2.1-t, train.defaults.default_checkpoint())")
+                      "random SAM2.1-t, convert.random_checkpoint.default_checkpoint())")
   p.add_argument("--step", type=nonnegative_int, default=None,
                  help="Orbax step (default: the latest)")
   p.add_argument("--data", default=None,
                  help="dataset root with JPEGImages/ and Annotations/ (default: the embedded "
-                      "synthetic videos, train.defaults.default_video_data())")
+                      "synthetic videos, qsam2_jax.data.synthetic.default_video_data())")
   p.add_argument("--protocol", choices=PROTOCOLS, default="davis",
                  help="davis: palette PNG label maps; sav: per-object PNG folders "
                       "(default: %(default)s)")
@@ -488,11 +482,11 @@ def _checkpoint_info(path: str, step: Optional[int]) -> dict[str, Any]:
 def main(argv: Optional[Sequence[str]] = None) -> int:
   args = parse_args(argv)
   if args.data is None:
-    from train.defaults import default_video_data
+    from qsam2_jax.data.synthetic import default_video_data
     args.data = default_video_data()
   items = index_dataset(args.data, args.protocol, _video_list(args.videos), args.max_videos)
   if args.ckpt is None:
-    from train.defaults import default_checkpoint
+    from convert.random_checkpoint import default_checkpoint
     args.ckpt = default_checkpoint()
     args.out = args.out or os.path.join("runs", "eval_video")
   if args.out is None:

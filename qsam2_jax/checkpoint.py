@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import os
 import re
-import shutil
-import uuid
 from typing import Any, Callable, Dict, Mapping, Optional, Tuple
 
 import jax
@@ -20,6 +18,7 @@ from flax import nnx
 
 from qsam2_jax import keymap
 from qsam2_jax.errors import UserError
+from qsam2_jax.files import atomic_path
 from qsam2_jax.model import configs
 from qsam2_jax.model.sam2 import SAM2Base, abstract_sam2
 from qsam2_jax.torch_format import NotACheckpointError, read_pt
@@ -106,23 +105,11 @@ def save_model(directory: str | os.PathLike, model: nnx.Module, meta: Dict[str, 
   directory = os.path.abspath(os.fspath(directory))
   if os.path.exists(directory) and not overwrite:
     raise CheckpointError(f"{directory} already exists (pass overwrite=True / --overwrite)")
-  os.makedirs(os.path.dirname(directory), exist_ok=True)
-  tmp = f"{directory}.tmp-{uuid.uuid4().hex[:8]}"
   meta = {"format": FORMAT, **meta}
-  try:
-    with _manager(tmp, create=True) as mngr:
-      mngr.save(step, args=ocp.args.Composite(
-          model=ocp.args.StandardSave(nnx.state(model)), meta=ocp.args.JsonSave(meta)))
-      mngr.wait_until_finished()
-    if os.path.exists(directory):
-      old = f"{directory}.old-{uuid.uuid4().hex[:8]}"
-      os.replace(directory, old)
-      os.replace(tmp, directory)
-      shutil.rmtree(old, ignore_errors=True)
-    else:
-      os.replace(tmp, directory)
-  finally:
-    shutil.rmtree(tmp, ignore_errors=True)
+  with atomic_path(directory, keep_ext=False) as tmp, _manager(tmp, create=True) as mngr:
+    mngr.save(step, args=ocp.args.Composite(
+        model=ocp.args.StandardSave(nnx.state(model)), meta=ocp.args.JsonSave(meta)))
+    mngr.wait_until_finished()
   return directory
 
 
@@ -215,6 +202,31 @@ def load_sam2(path: str | os.PathLike, *, config: Optional[str] = None, dtype=No
   cfg = (configs.get_config(config, image_size=image_size) if config
          else detect_config(sd, path, image_size))
   return model_from_state_dict(sd, cfg, dtype=dtype, source=path), cfg
+
+
+def load_with_meta(path: str | os.PathLike, *, step: Optional[int] = None,
+                   image_size: Optional[int] = None) -> Tuple[SAM2Base, Dict[str, Any]]:
+  """A checkpoint to export, with the metadata a packed file records about it.
+
+  Orbax directories give their stored metadata (config, image size, recipe, kind, step);
+  official `.pt` files and packed files what can be said about them.
+  """
+  from qsam2_jax.quant import packed_file
+  path = os.fspath(path)
+  if os.path.isdir(path):
+    meta = read_meta(path, step)
+    model, cfg = load_sam2(path, step=meta["step"], image_size=image_size)
+    meta = {k: v for k, v in meta.items() if k != "format"}
+    return model, {**meta, "config": cfg.name, "image_size": cfg.image_size,
+                   "source": os.path.abspath(path)}
+  model, cfg = load_sam2(path, image_size=image_size)
+  if packed_file.is_packed_file(path):
+    manifest = packed_file.read_manifest(path)
+    return model, {**manifest.get("source", {}), "config": cfg.name,
+                   "image_size": cfg.image_size, "quant": manifest.get("quant"),
+                   "kind": "packed", "source": os.path.abspath(path)}
+  return model, {"config": cfg.name, "image_size": cfg.image_size, "kind": "fp",
+                 "source": os.path.abspath(path)}
 
 
 # ---------------------------------------------------------------------------- training runs

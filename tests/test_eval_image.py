@@ -120,7 +120,8 @@ def test_cli_end_to_end_and_report(tmp_path, capsys):
   """The default model on two synthetic images, then a report over the run."""
   from eval import report
   from qsam2_jax import checkpoint
-  from train.defaults import default_checkpoint, default_image_data
+  from convert.random_checkpoint import default_checkpoint
+  from qsam2_jax.data.synthetic import default_image_data
   run = tmp_path / "run"
   shutil.copytree(default_checkpoint(), run)
   rc = ev.main(["--ckpt", str(run), "--data", default_image_data(), "--max-images", "2",

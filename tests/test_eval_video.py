@@ -68,7 +68,7 @@ def sav_root(davis_root, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def ckpt():
-  from train.defaults import default_checkpoint
+  from convert.random_checkpoint import default_checkpoint
   return default_checkpoint()
 
 

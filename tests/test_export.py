@@ -20,10 +20,11 @@ from flax import nnx
 from torch_reference import rel_err, to_numpy
 from convert import to_torch
 from eval import size as size_cli
-from qsam2_jax import checkpoint, export, keymap, parallel
+from qsam2_jax import checkpoint, keymap, parallel
 from qsam2_jax.errors import UserError
 from qsam2_jax.predictor import ImagePredictor
 from qsam2_jax.quant import GAUSSIAN_CLIP, ClipFactor, QuantStat, packed_file, set_mode
+from qsam2_jax.quant import encode as export
 from qsam2_jax.quant.recipe import QuantRecipe
 
 H, W = 180, 240
@@ -265,7 +266,7 @@ def test_corrupt_or_missing_checkpoints_give_clear_errors(w2_packed, tmp_path, c
     assert size_cli.main(["--ckpt", str(tmp_path / name)]) == 2
     assert msg in capsys.readouterr().err
   # Orbax: a damaged step (no model data), a directory without steps.
-  from train.defaults import default_checkpoint
+  from convert.random_checkpoint import default_checkpoint
   broken = tmp_path / "broken"
   shutil.copytree(default_checkpoint(), broken)
   shutil.rmtree(broken / "0" / "model")

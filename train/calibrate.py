@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import os
 import sys
 from typing import Any, Dict, Optional, Sequence, Tuple
@@ -29,6 +28,7 @@ from typing import Any, Dict, Optional, Sequence, Tuple
 import numpy as np
 
 from qsam2_jax.errors import UserError, report_user_errors
+from qsam2_jax.files import write_json
 from train.cli import ArgumentParser, nonnegative_int, positive_int, vrc_lambda
 
 BITS = (2, 3, 4, 8)
@@ -79,11 +79,11 @@ def check_paths(args: argparse.Namespace) -> None:
 
 def load_float_model(init: Optional[str], image_size: Optional[int]):
   """(model, cfg, source path) of a float checkpoint; the embedded default without `init`."""
+  from convert.random_checkpoint import default_checkpoint
   from qsam2_jax import checkpoint
-  from train import defaults
+  from qsam2_jax.data.synthetic import DEFAULT_IMAGE_SIZE
 
-  path = init if init is not None else defaults.default_checkpoint(
-      image_size or defaults.DEFAULT_IMAGE_SIZE)
+  path = init if init is not None else default_checkpoint(image_size or DEFAULT_IMAGE_SIZE)
   if os.path.isdir(path) and checkpoint.read_meta(path).get("quant"):
     raise UserError(f"{path} is already quantized; calibration and PTQ start from a float "
                     "checkpoint")
@@ -94,22 +94,16 @@ def load_float_model(init: Optional[str], image_size: Optional[int]):
 def load_images(data: Optional[str], num: int, num_eval: int, image_size: int, seed: int
                 ) -> Tuple[np.ndarray, Optional[np.ndarray], str]:
   """(calibration images, held-out images or None, data path)."""
+  from qsam2_jax.data.synthetic import default_image_data
   from qsam2_jax.quant.calibration import calibration_images
-  from train import defaults
 
   if data is None:
-    data = defaults.default_image_data(max(32, num + num_eval))
+    data = default_image_data(max(32, num + num_eval))
   elif not os.path.exists(data):
     raise UserError(f"data path {data} does not exist")
   calib = calibration_images(data, num, image_size, seed)
   held = calibration_images(data, num_eval, image_size, seed, start=num) if num_eval else None
   return calib, held, data
-
-
-def write_json(path: str, obj: Any) -> None:
-  from qsam2_jax.quant.calibration import _clean
-  with open(path, "w") as f:
-    json.dump(_clean(obj), f, indent=1)
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:

@@ -29,8 +29,8 @@ import sys
 from typing import Any, Dict, Optional, Sequence
 
 from qsam2_jax.errors import UserError, report_user_errors
-from train.calibrate import (
-    add_common_args, check_paths, load_float_model, load_images, write_json)
+from qsam2_jax.files import write_json
+from train.calibrate import add_common_args, check_paths, load_float_model, load_images
 from train.cli import ArgumentParser
 
 

@@ -144,9 +144,10 @@ def load_init(cfg: TrainConfig, dtype):
   Orbax metadata may carry `config_overrides` ({"hiera": {...}}) for reduced architectures
   (tests); official files and named configs load through `checkpoint.load_sam2`.
   """
+  from convert.random_checkpoint import default_checkpoint
   from qsam2_jax import checkpoint
-  from train import defaults
-  path = cfg.init or defaults.default_checkpoint(cfg.image_size or defaults.DEFAULT_IMAGE_SIZE)
+  from qsam2_jax.data.synthetic import DEFAULT_IMAGE_SIZE
+  path = cfg.init or default_checkpoint(cfg.image_size or DEFAULT_IMAGE_SIZE)
   meta = checkpoint.read_meta(path) if os.path.isdir(path) else {}
   if meta.get("quant"):
     raise UserError(f"{path} is already quantized; QAT starts from a float checkpoint")
@@ -196,16 +197,15 @@ class Subset:
 def open_data(cfg: TrainConfig, image_size: int):
   """(train source, val source or None, data path)."""
   from qsam2_jax.data import coco
-  from train import defaults
-  path = cfg.data or defaults.default_image_data(32, image_size, seed=0)
+  from qsam2_jax.data.synthetic import default_image_data
+  path = cfg.data or default_image_data(32, image_size, seed=0)
   train = coco.open_source(path)
   val = None
   if cfg.eval_images:
     if cfg.val_data:
       val = coco.open_source(cfg.val_data)
     elif cfg.data is None:
-      val = coco.open_source(defaults.default_image_data(max(8, cfg.eval_images), image_size,
-                                                         seed=1))
+      val = coco.open_source(default_image_data(max(8, cfg.eval_images), image_size, seed=1))
     else:
       n = min(cfg.eval_images, len(train) // 5)
       if n == 0:

@@ -533,3 +533,43 @@ def make_video_dataset(out_dir: str | os.PathLike, num_videos: int, num_frames: 
         progress(1)
     (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
   return Path(out_dir)
+
+
+# ----------------------------------------------------------------------------------- defaults
+# The embedded data every command runs on when given none, generated on first use into a cache
+# folder (`$QSAM2_CACHE`, default `~/.cache/qsam2_jax`) and reused afterwards.
+
+DEFAULT_IMAGE_SIZE = 256  # the reduced input size of the embedded model and data
+
+
+def cache_dir() -> str:
+  """The folder of the embedded defaults (created if missing)."""
+  root = os.environ.get("QSAM2_CACHE") or os.path.join(os.path.expanduser("~"), ".cache",
+                                                       "qsam2_jax")
+  os.makedirs(root, exist_ok=True)
+  return root
+
+
+def default_image_data(num_images: int = 32, image_size: int = DEFAULT_IMAGE_SIZE,
+                       seed: int = 0) -> str:
+  """A synthetic COCO-format dataset folder (images + annotations.json)."""
+  out = os.path.join(cache_dir(), f"synthetic_images_{num_images}_{image_size}_{seed}")
+  if not os.path.exists(os.path.join(out, "annotations.json")):
+    try:
+      make_image_dataset(out, num_images, size=(image_size, image_size), seed=seed)
+    except FileExistsError:
+      pass  # another process created it meanwhile
+  return out
+
+
+def default_video_data(num_videos: int = 2, num_frames: int = 8,
+                       image_size: int = DEFAULT_IMAGE_SIZE, seed: int = 0) -> str:
+  """A synthetic DAVIS-layout video dataset folder (JPEGImages/, Annotations/)."""
+  out = os.path.join(cache_dir(),
+                     f"synthetic_videos_{num_videos}x{num_frames}_{image_size}_{seed}")
+  if not os.path.isdir(os.path.join(out, "Annotations")):
+    try:
+      make_video_dataset(out, num_videos, num_frames, size=(image_size, image_size), seed=seed)
+    except FileExistsError:
+      pass
+  return out

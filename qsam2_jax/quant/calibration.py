@@ -36,8 +36,9 @@ from flax import nnx
 from qsam2_jax.data.coco import describe, open_source
 from qsam2_jax.data.transforms import resize_image
 from qsam2_jax.errors import UserError
+from qsam2_jax.files import jsonable, write_csv, write_json
 from qsam2_jax.model import layers
-from qsam2_jax.quant.qlayers import QConv, QConvTranspose2x2, QLinear, set_mode
+from qsam2_jax.quant.qlayers import QUANT_LAYER_TYPES, QLinear, set_mode
 from qsam2_jax.quant.recipe import QuantRecipe
 from qsam2_jax.quant.rules import (
     ENCODER_LINEARS, QuantReport, find_layers, get_child, module_path, set_child)
@@ -51,7 +52,6 @@ log = logging.getLogger(__name__)
 PTQ_METHODS = ("minmax", "mse", "vrc+minmax", "vrc+mse")
 # lambda_0 values of the Fig. 5 sweep (0 = no re-fit, the reference of the ratio).
 SWEEP_GRID = (0.0,) + tuple(float(v) for v in np.logspace(-5, 0, 21))
-_QUANTIZED = (QLinear, QConv, QConvTranspose2x2)
 _FLOAT = (layers.Linear, layers.Conv, layers.ConvTranspose2x2)
 
 # ------------------------------------------------------------------------------ inputs
@@ -215,12 +215,12 @@ class VRCResult:
     """JSON-ready headline numbers (stored as `meta["vrc"]` in checkpoints)."""
     red = [r.std_reduction for r in self.reports]
     if not red:
-      return _clean({"lam0": self.lam0, "lam_mode": self.lam_mode, "bits": self.bits,
+      return jsonable({"lam0": self.lam0, "lam_mode": self.lam_mode, "bits": self.bits,
                      "num_images": self.num_images, "image_size": self.image_size,
                      "num_layers": 0, "skipped": sorted(self.skipped),
                      "seconds": self.seconds})
     ratios = [r.q_ratio for r in self.reports if np.isfinite(r.q_ratio)]
-    return _clean({
+    return jsonable({
         "lam0": self.lam0, "lam_mode": self.lam_mode, "bits": self.bits,
         "num_images": self.num_images, "image_size": self.image_size,
         "num_layers": len(self.reports), "skipped": sorted(self.skipped),
@@ -294,7 +294,7 @@ def run_vrc(model: nnx.Module, images: np.ndarray, *,
     raise UserError(f"lambda mode must be 'relative' or 'absolute', got {lam_mode!r}")
   if lam0 != "auto" and not (isinstance(lam0, (int, float)) and lam0 >= 0 and math.isfinite(lam0)):
     raise UserError(f"lambda must be a non-negative number or 'auto', got {lam0!r}")
-  if any(isinstance(l, _QUANTIZED) for _, l in find_layers(model, _FLOAT, pattern)):
+  if any(isinstance(l, QUANT_LAYER_TYPES) for _, l in find_layers(model, _FLOAT, pattern)):
     raise UserError("VRC re-fits a float model; this one is already quantized")
   seconds = {}
   t = time.perf_counter()
@@ -338,28 +338,11 @@ def run_vrc(model: nnx.Module, images: np.ndarray, *,
                    seconds)
 
 
-def _clean(obj: Any) -> Any:
-  """JSON-safe copy: numpy scalars to Python, NaN/inf to None, tuples to lists."""
-  if isinstance(obj, dict):
-    return {str(k): _clean(v) for k, v in obj.items()}
-  if isinstance(obj, (list, tuple, np.ndarray)):
-    return [_clean(v) for v in np.asarray(obj).tolist()] if isinstance(obj, np.ndarray) \
-        else [_clean(v) for v in obj]
-  if isinstance(obj, (np.floating, float)):
-    return float(obj) if math.isfinite(obj) else None
-  if isinstance(obj, np.integer):
-    return int(obj)
-  return obj
-
-
 def write_vrc_report(result: VRCResult, out_dir: Union[str, os.PathLike]) -> Dict[str, str]:
   """Writes `vrc_report.json`, `vrc_layers.csv`, `vrc_std.png` (Fig. 3), `vrc_lambda.png` (Fig. 5).
 
   Returns name -> path of what was written (no `vrc_lambda.png` without a sweep layer).
   """
-  import csv
-  import json
-
   from qsam2_jax.quant.vrc_plots import plot_lambda_sweep, plot_vrc_weights
 
   os.makedirs(out_dir, exist_ok=True)
@@ -372,16 +355,14 @@ def write_vrc_report(result: VRCResult, out_dir: Union[str, os.PathLike]) -> Dic
             "sweep": None if result.sweep is None else {
                 "layer": result.sweep_layer, "bits": result.sweep_bits,
                 **{k: v for k, v in result.sweep.items()}}}
-  with open(paths["vrc_report.json"], "w") as f:
-    json.dump(_clean(report), f, indent=1)
+  write_json(paths["vrc_report.json"], report)
   fields = ["name", "d_in", "d_out", "tokens", "lam0", "lam", "std_before", "std_after",
             "std_reduction", "out_err", "q_err", "q_err_base", "q_ratio"]
-  with open(paths["vrc_layers.csv"], "w", newline="") as f:
-    w = csv.writer(f)
-    w.writerow(fields)
-    for r in result.reports:
-      d = dict(r.as_dict(), d_in=r.shape[0], d_out=r.shape[1], tokens=result.tokens.get(r.name))
-      w.writerow([d[k] if isinstance(d[k], str) else f"{d[k]:.6g}" for k in fields])
+  rows = []
+  for r in result.reports:
+    d = dict(r.as_dict(), d_in=r.shape[0], d_out=r.shape[1], tokens=result.tokens.get(r.name))
+    rows.append({k: d[k] if isinstance(d[k], str) else f"{d[k]:.6g}" for k in fields})
+  write_csv(paths["vrc_layers.csv"], rows, fields)
   if not result.reports:
     del paths["vrc_std.png"], paths["vrc_lambda.png"]
     return paths
@@ -498,7 +479,7 @@ def _linear(layer: QLinear, x: jax.Array, kernel: jax.Array) -> jax.Array:
 
 def _weight_only(layer: nnx.Module) -> Optional[nnx.Module]:
   """The quantized layer without its input quantizer (same Params and weight quantizer)."""
-  if not isinstance(layer, _QUANTIZED) or layer.weight_quantizer is None:
+  if not isinstance(layer, QUANT_LAYER_TYPES) or layer.weight_quantizer is None:
     return None
   view = type(layer)(layer, None, None)
   view.weight_quantizer = layer.weight_quantizer
@@ -544,7 +525,7 @@ class OutputErrors:
     return float(np.mean(vals)) if vals else float("nan")
 
   def summary(self) -> Dict[str, Any]:
-    return _clean({
+    return jsonable({
         "num_images": self.num_images, "num_layers": len(self.layers),
         "encoder_linear_err": self.encoder_linear_error(),
         "encoder_linear_weight_err": self.encoder_linear_error(weight_only=True),
@@ -582,7 +563,7 @@ def output_errors(fp_model: nnx.Module, q_model: nnx.Module, images: np.ndarray,
   Neither model is changed (quantizers should be in evaluation mode).
   """
   if pattern is None:
-    pairs = find_layers(q_model, _QUANTIZED)
+    pairs = find_layers(q_model, QUANT_LAYER_TYPES)
   else:
     pairs = find_layers(q_model, _FLOAT, pattern)
   if not pairs:

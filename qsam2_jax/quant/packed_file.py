@@ -42,7 +42,6 @@ import dataclasses
 import json
 import os
 import struct
-import uuid
 import zlib
 from typing import Any, Dict, List, Optional, Tuple
 
@@ -51,12 +50,14 @@ import ml_dtypes
 import numpy as np
 from flax import nnx
 
-from qsam2_jax import export, keymap
+from qsam2_jax import keymap
 from qsam2_jax.errors import UserError
+from qsam2_jax.files import write_bytes
 from qsam2_jax.model import layers as model_layers
 from qsam2_jax.quant import core as fq
+from qsam2_jax.quant import encode
 from qsam2_jax.quant.packing import pack, packed_size, unpack
-from qsam2_jax.quant.qlayers import set_mode
+from qsam2_jax.quant.qlayers import QUANT_LAYER_TYPES, set_mode
 from qsam2_jax.quant.rules import module_path
 
 MAGIC = b"QSAM2PK1"
@@ -114,7 +115,7 @@ def _symmetric_step(lo: np.ndarray, n: int, rule: str) -> np.ndarray:
   return np.maximum(_STEP_RULES[rule](-lo - lo, n), np.float32(fq.MIN_STEP))
 
 
-def _range_form(w: export.EncodedWeight) -> Tuple[str, Dict[str, Any]]:
+def _range_form(w: encode.EncodedWeight) -> Tuple[str, Dict[str, Any]]:
   """The smallest exact storage of a weight's (lo, step): see the module docstring."""
   for rule in _STEP_RULES:
     if np.array_equal(_symmetric_step(w.lo, w.n, rule), w.step):
@@ -129,7 +130,7 @@ def _layer_bits(model: nnx.Module) -> Dict[str, Dict[str, Any]]:
   """Module path -> bits and methods of every quantizable layer's kernel and input."""
   out = {}
   for path, layer in nnx.iter_graph(model):
-    if not isinstance(layer, export.QUANT_LAYER_TYPES):
+    if not isinstance(layer, QUANT_LAYER_TYPES):
       continue
     ws, acts = layer.weight_spec, layer.act_spec
     out[module_path(path)] = {
@@ -211,7 +212,7 @@ def build(model: nnx.Module, meta: Dict[str, Any], *, float_dtype: str = "auto")
   for k in ("config", "image_size"):
     if k not in meta:
       raise ValueError(f"meta needs {k!r}")
-  encoded = export.encode_weights(model)
+  encoded = encode.encode_weights(model)
   sd = keymap.state_dict(model)
   data = _Data()
   tensors: Dict[str, Dict[str, Any]] = {}
@@ -252,20 +253,7 @@ def build(model: nnx.Module, meta: Dict[str, Any], *, float_dtype: str = "auto")
 
 def write(path: str | os.PathLike, packed: PackedModel) -> str:
   """Writes a packed file atomically (temporary name in the same folder, then rename)."""
-  path = os.path.abspath(os.fspath(path))
-  os.makedirs(os.path.dirname(path), exist_ok=True)
-  tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
-  try:
-    with open(tmp, "wb") as f:
-      f.write(packed.header())
-      f.write(packed.data)
-      f.flush()
-      os.fsync(f.fileno())
-    os.replace(tmp, path)
-  finally:
-    if os.path.exists(tmp):
-      os.remove(tmp)
-  return path
+  return write_bytes(path, packed.header(), packed.data, sync=True)
 
 
 def save(path: str | os.PathLike, model: nnx.Module, meta: Dict[str, Any], *,
@@ -372,7 +360,7 @@ def tensors_from(manifest: Dict[str, Any], data: bytes, path: str = "packed file
       lo = -np.float32(e["k"]) * step
     elif e["range"] != "affine":
       raise PackedFileError(f"{path}: tensor {key} has unknown range form {e['range']!r}")
-    out[key] = export.dequantize(codes, lo, step, e["channel_axis"])
+    out[key] = encode.dequantize(codes, lo, step, e["channel_axis"])
   return out
 
 

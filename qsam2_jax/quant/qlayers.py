@@ -166,6 +166,8 @@ class QConvTranspose2x2(_QuantMixin, layers.ConvTranspose2x2):
 
 QUANTIZED_LAYERS = ((layers.ConvTranspose2x2, QConvTranspose2x2), (layers.Conv, QConv),
                     (layers.Linear, QLinear))
+# Every layer class whose kernel (and input) can be quantized.
+QUANT_LAYER_TYPES = tuple(q for _, q in QUANTIZED_LAYERS)
 
 
 def optimizer_labels(model: nnx.Module, clip: str = "clip", default: str = "params"

@@ -16,7 +16,7 @@ from typing import Dict, List, NamedTuple, Optional, Sequence, Tuple
 from flax import nnx
 
 from qsam2_jax.quant.core import PASSTHROUGH_BITS
-from qsam2_jax.quant.qlayers import QUANTIZED_LAYERS, QConv, QConvTranspose2x2, QLinear
+from qsam2_jax.quant.qlayers import QUANT_LAYER_TYPES, QUANTIZED_LAYERS
 from qsam2_jax.quant.quantizers import QuantSpec
 
 log = logging.getLogger(__name__)
@@ -172,9 +172,8 @@ def quantize_model(model: nnx.Module, rules: Sequence[QuantRule]
   used = [0] * len(rules)
   report = QuantReport()
   base_types = tuple(b for b, _ in QUANTIZED_LAYERS)
-  quantized_types = (QLinear, QConv, QConvTranspose2x2)
   for path, layer in find_layers(model, base_types):
-    if isinstance(layer, quantized_types):
+    if isinstance(layer, QUANT_LAYER_TYPES):
       continue
     name = module_path(path)
     rule = None

@@ -1,4 +1,4 @@
-"""Export of quantized models: their weights as a PyTorch-layout state dict, and their codes.
+"""Weight encoding of quantized models: the fake-quantized weights in PyTorch layout, and their codes.
 
 A fake-quantized model multiplies with `layer.quantized_kernel()`, not with its stored `kernel`.
 `dequantized_state_dict` puts those values under the official `sam2` keys (everything else as
@@ -13,18 +13,14 @@ Everything is computed in evaluation mode and compiled, like the model's own for
 from __future__ import annotations
 
 import dataclasses
-import os
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 from flax import nnx
 
 from qsam2_jax import keymap
-from qsam2_jax.quant.qlayers import QConv, QConvTranspose2x2, QLinear, set_mode
+from qsam2_jax.quant.qlayers import QUANT_LAYER_TYPES, set_mode
 from qsam2_jax.quant.rules import find_layers, module_path
-
-QUANT_LAYER_TYPES = (QLinear, QConv, QConvTranspose2x2)
-
 
 @dataclasses.dataclass(frozen=True)
 class EncodedWeight:
@@ -153,29 +149,3 @@ def encode_weights(model: nnx.Module) -> Dict[str, EncodedWeight]:
                              step=np.broadcast_to(step, lo.shape).reshape(-1).copy(),
                              bits=int(spec.bits), n=int(spec.n), channel_axis=axis)
   return out
-
-
-def load_with_meta(path: str | os.PathLike, *, step: Optional[int] = None,
-                   image_size: Optional[int] = None) -> Tuple[nnx.Module, Dict[str, Any]]:
-  """A checkpoint to export, with the metadata a packed file records about it.
-
-  Orbax directories give their stored metadata (config, image size, recipe, kind, step);
-  official `.pt` files and packed files what can be said about them.
-  """
-  from qsam2_jax import checkpoint
-  from qsam2_jax.quant import packed_file
-  path = os.fspath(path)
-  if os.path.isdir(path):
-    meta = checkpoint.read_meta(path, step)
-    model, cfg = checkpoint.load_sam2(path, step=meta["step"], image_size=image_size)
-    meta = {k: v for k, v in meta.items() if k != "format"}
-    return model, {**meta, "config": cfg.name, "image_size": cfg.image_size,
-                   "source": os.path.abspath(path)}
-  model, cfg = checkpoint.load_sam2(path, image_size=image_size)
-  if packed_file.is_packed_file(path):
-    manifest = packed_file.read_manifest(path)
-    return model, {**manifest.get("source", {}), "config": cfg.name,
-                   "image_size": cfg.image_size, "quant": manifest.get("quant"),
-                   "kind": "packed", "source": os.path.abspath(path)}
-  return model, {"config": cfg.name, "image_size": cfg.image_size, "kind": "fp",
-                 "source": os.path.abspath(path)}
