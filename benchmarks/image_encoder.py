@@ -22,6 +22,7 @@ from typing import Callable, Dict, List, Optional, Sequence
 
 from benchmarks.report import emit
 from benchmarks.timing import median_seconds
+from qsam2_jax.cli import ArgumentParser
 
 # FLOPs per image at 1024² from the issue (2 per multiply-add, window padding included).
 GFLOPS_1024 = {"t": 290.8, "b+": 645.1, "l": 1821.2}
@@ -97,7 +98,7 @@ def environment() -> Dict[str, str]:
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
-  p = argparse.ArgumentParser(prog="python -m benchmarks.image_encoder", description=__doc__,
+  p = ArgumentParser(prog="python -m benchmarks.image_encoder", description=__doc__,
                               formatter_class=argparse.RawDescriptionHelpFormatter)
   p.add_argument("--sizes", default="t,b+,l")
   p.add_argument("--batches", default="1,8")

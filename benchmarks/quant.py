@@ -29,6 +29,7 @@ from typing import Dict, List, Optional, Sequence
 
 from benchmarks.report import emit
 from benchmarks.timing import median_seconds
+from qsam2_jax.cli import ArgumentParser
 
 
 def environment() -> Dict[str, str]:
@@ -72,8 +73,7 @@ def bench_forward(cfg, args) -> List[Dict[str, object]]:
   import numpy as np
 
   from qsam2_jax.model.sam2 import build_sam2
-  from qsam2_jax.quant.calibration import (
-      _outputs_jit, batches, calibrate_ranges, commit_state)
+  from qsam2_jax.quant.calibration import _outputs_jit, batches, calibrate_ranges, commit_state
   from qsam2_jax.quant.recipe import QuantRecipe
 
   dtype = jnp.bfloat16 if args.dtype == "bf16" else jnp.float32
@@ -100,7 +100,7 @@ def bench_forward(cfg, args) -> List[Dict[str, object]]:
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
-  p = argparse.ArgumentParser(prog="python -m benchmarks.quant", description=__doc__,
+  p = ArgumentParser(prog="python -m benchmarks.quant", description=__doc__,
                               formatter_class=argparse.RawDescriptionHelpFormatter)
   p.add_argument("--config", default="sam2.1_hiera_b+")
   p.add_argument("--image-size", type=int, default=1024)

@@ -39,6 +39,7 @@ from benchmarks.image_encoder import GFLOPS_1024
 from benchmarks.quant import environment
 from benchmarks.report import emit
 from benchmarks.timing import median_seconds
+from qsam2_jax.cli import ArgumentParser
 
 # (device_kind substring, bf16 peak, fp32 peak) in FLOP/s, dense, per device; first match wins.
 PEAKS = (("H100 PCIe", 756e12, 51e12), ("H100", 989e12, 67e12), ("H200", 989e12, 67e12),
@@ -128,6 +129,7 @@ class Bench:
     """Compile (cached per batch) and run the step; `timed`: median of --iters steps.
     Raises XLA's out-of-memory error when the batch does not fit."""
     import jax
+
     from train.step import place
     st = self.steps
     data = st.batch(synthetic_batch(batch, self.cfg.image_size, self.args.masks_per_image))
@@ -193,7 +195,7 @@ def _fmt(x: Optional[float], spec: str, scale: float = 1.0) -> str:
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
-  p = argparse.ArgumentParser(prog="python -m benchmarks.train", description=__doc__,
+  p = ArgumentParser(prog="python -m benchmarks.train", description=__doc__,
                               formatter_class=argparse.RawDescriptionHelpFormatter)
   p.add_argument("--configs", default="sam2.1_hiera_t,sam2.1_hiera_b+")
   p.add_argument("--methods", default="fp,qsam2", help="comma list of train.config METHODS")

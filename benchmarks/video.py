@@ -41,6 +41,8 @@ os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
 
 import numpy as np  # noqa: E402
 
+from qsam2_jax.cli import ArgumentParser
+
 IMPLS = ("jax", "torch", "torch-vos")
 
 
@@ -204,7 +206,7 @@ def torch_models(cfg: Any, impls: Sequence[str], seed: int) -> Tuple[Dict[str, A
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
-  p = argparse.ArgumentParser(prog="python -m benchmarks.video", description=__doc__,
+  p = ArgumentParser(prog="python -m benchmarks.video", description=__doc__,
                               formatter_class=argparse.RawDescriptionHelpFormatter)
   p.add_argument("--sizes", default="t,b+", help="comma list of t, s, b+, l")
   p.add_argument("--objects", default="1,3", help="comma list of object counts")

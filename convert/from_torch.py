@@ -15,6 +15,7 @@ from typing import Dict, Optional, Sequence
 import numpy as np
 
 from qsam2_jax import checkpoint
+from qsam2_jax.cli import ArgumentParser
 from qsam2_jax.errors import report_user_errors
 from qsam2_jax.model.configs import CONFIGS, get_config
 from qsam2_jax.torch_format import NotACheckpointError
@@ -32,15 +33,12 @@ def torch_load_state_dict(path: str) -> Dict[str, np.ndarray]:
   except Exception as e:  # noqa: BLE001 - torch raises many types for a bad file
     first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
     raise NotACheckpointError(f"{path} is not a readable PyTorch checkpoint ({first})") from e
-  sd = obj.get("model", obj) if isinstance(obj, dict) else None
-  if not isinstance(sd, dict) or not all(torch.is_tensor(v) for v in sd.values()):
-    raise NotACheckpointError(
-        f"{path}: expected a dict with a 'model' state dict of tensors (the official SAM2 format)")
-  return {k.removeprefix("module."): v.detach().cpu().contiguous().numpy() for k, v in sd.items()}
+  sd = checkpoint.official_state_dict(obj, path, torch.is_tensor)
+  return {k: v.detach().cpu().contiguous().numpy() for k, v in sd.items()}
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
-  p = argparse.ArgumentParser(prog="python -m convert.from_torch", description=__doc__,
+  p = ArgumentParser(prog="python -m convert.from_torch", description=__doc__,
                               formatter_class=argparse.RawDescriptionHelpFormatter)
   p.add_argument("--ckpt", required=True, help="official .pt file ({'model': state_dict})")
   p.add_argument("--out", required=True, help="output Orbax checkpoint directory")
@@ -60,8 +58,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
          else checkpoint.detect_config(sd, args.ckpt, args.image_size))
   model = checkpoint.model_from_state_dict(sd, cfg, source=args.ckpt)
   out = checkpoint.save_model(
-      args.out, model, {"config": cfg.name, "image_size": cfg.image_size, "kind": "fp",
-                        "source": args.ckpt}, overwrite=args.overwrite)
+      args.out, model, checkpoint.model_meta(cfg, "fp", args.ckpt), overwrite=args.overwrite)
   n = sum(int(np.prod(v.shape)) for v in sd.values())
   print(f"{args.ckpt}: {cfg.name} ({len(sd)} tensors, {n:,} values) -> {out}")
   return 0

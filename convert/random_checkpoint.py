@@ -16,6 +16,7 @@ import sys
 from typing import Any, Optional, Sequence
 
 from qsam2_jax import checkpoint
+from qsam2_jax.cli import ArgumentParser
 from qsam2_jax.data.synthetic import DEFAULT_IMAGE_SIZE, cache_dir
 from qsam2_jax.errors import report_user_errors
 from qsam2_jax.model.configs import CONFIGS, SAM2Config, get_config
@@ -84,16 +85,15 @@ def default_checkpoint(image_size: int = DEFAULT_IMAGE_SIZE, seed: int = 0) -> s
   sd = checkpoint.read_torch_state_dict(pt)
   cfg = get_config(DEFAULT_CONFIG, image_size=image_size)
   model = checkpoint.model_from_state_dict(sd, cfg, source=pt)
-  meta = {"config": cfg.name, "image_size": image_size, "kind": "fp", "source": pt}
   try:
-    checkpoint.save_model(out, model, meta)
+    checkpoint.save_model(out, model, checkpoint.model_meta(cfg, "fp", pt))
   except checkpoint.CheckpointError:
     pass  # another process created it meanwhile
   return out
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
-  p = argparse.ArgumentParser(prog="python -m convert.random_checkpoint", description=__doc__,
+  p = ArgumentParser(prog="python -m convert.random_checkpoint", description=__doc__,
                               formatter_class=argparse.RawDescriptionHelpFormatter)
   p.add_argument("--config", choices=sorted(CONFIGS), default=DEFAULT_CONFIG)
   p.add_argument("--out", required=True, help="output .pt file")

@@ -21,6 +21,7 @@ import os
 import sys
 from typing import Optional, Sequence
 
+from qsam2_jax.cli import ArgumentParser
 from qsam2_jax.errors import UserError, report_user_errors
 from qsam2_jax.files import atomic_path
 
@@ -35,7 +36,7 @@ def save_torch_state_dict(state_dict, path: str) -> str:
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
-  p = argparse.ArgumentParser(prog="python -m convert.to_torch", description=__doc__,
+  p = ArgumentParser(prog="python -m convert.to_torch", description=__doc__,
                               formatter_class=argparse.RawDescriptionHelpFormatter)
   p.add_argument("--ckpt", required=True,
                  help="Orbax checkpoint or run directory (a packed file also works for --out)")
@@ -59,14 +60,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
   from qsam2_jax.checkpoint import load_with_meta
   from qsam2_jax.quant import packed_file
   from qsam2_jax.quant.encode import dequantized_state_dict
+  from qsam2_jax.quant.recipe import QuantRecipe
   from qsam2_jax.quant.size import size_report
   if args.packed is not None and packed_file.is_packed_file(args.ckpt):
     raise UserError(f"{args.ckpt} is already a packed file (its weights are dequantized once "
                     "loaded, so packing it again would store them as floats)")
   model, meta = load_with_meta(args.ckpt, step=args.step)
   q = meta.get("quant")
-  what = f"W{q['bits']}A{q.get('act_bits') or q['bits']} {q['method']} {q['preset']}" if q \
-      else "float"
+  what = QuantRecipe.from_dict(q).label if q else "float"
   if args.out is not None:
     sd = dequantized_state_dict(model)
     out = save_torch_state_dict(sd, args.out)

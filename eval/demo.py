@@ -19,6 +19,7 @@ from typing import Optional, Sequence
 import numpy as np
 from PIL import Image
 
+from qsam2_jax.cli import ArgumentParser
 from qsam2_jax.errors import report_user_errors
 
 
@@ -34,7 +35,7 @@ def overlay(image: np.ndarray, mask: np.ndarray, box: Sequence[float]) -> Image.
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
-  p = argparse.ArgumentParser(prog="python -m eval.demo", description=__doc__,
+  p = ArgumentParser(prog="python -m eval.demo", description=__doc__,
                               formatter_class=argparse.RawDescriptionHelpFormatter)
   p.add_argument("--ckpt", default=None, help="official .pt (default: a random SAM2.1-t)")
   p.add_argument("--out", default="demo_out", help="output folder")

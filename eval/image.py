@@ -31,6 +31,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
+from qsam2_jax.cli import ArgumentParser
 from qsam2_jax.errors import UserError, report_user_errors
 
 # predict(image (H, W, 3) uint8, boxes (K, 4) xyxy) -> (masks (K, H, W) bool, pred_iou (K,)).
@@ -272,7 +273,7 @@ def default_out(ckpt: str) -> str:
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
-  p = argparse.ArgumentParser(prog="python -m eval.image", description=__doc__,
+  p = ArgumentParser(prog="python -m eval.image", description=__doc__,
                               formatter_class=argparse.RawDescriptionHelpFormatter)
   p.add_argument("--ckpt", default=None,
                  help="run / Orbax checkpoint directory, official .pt or packed file (default: "

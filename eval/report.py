@@ -21,6 +21,7 @@ import shutil
 import sys
 from typing import Any, Dict, Iterator, List, Optional, Sequence
 
+from qsam2_jax.cli import ArgumentParser
 from qsam2_jax.errors import UserError, report_user_errors
 from qsam2_jax.files import atomic_path, write_text
 
@@ -264,7 +265,7 @@ def build_report(runs: Sequence[str], out: str) -> str:
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
-  p = argparse.ArgumentParser(prog="python -m eval.report", description=__doc__,
+  p = ArgumentParser(prog="python -m eval.report", description=__doc__,
                               formatter_class=argparse.RawDescriptionHelpFormatter)
   p.add_argument("--runs", nargs="+", required=True,
                  help="run directories (or Orbax checkpoints / packed files) to compare")

@@ -20,8 +20,10 @@ import sys
 import tempfile
 from typing import Any, Dict, Optional, Sequence
 
+from qsam2_jax.cli import ArgumentParser
 from qsam2_jax.errors import UserError, report_user_errors
 from qsam2_jax.files import write_json
+from qsam2_jax.quant.recipe import QuantRecipe
 from qsam2_jax.quant.size import size_report
 
 
@@ -76,7 +78,7 @@ def measure(ckpt: Optional[str], *, step: Optional[int] = None, packed: Optional
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
-  p = argparse.ArgumentParser(prog="python -m eval.size", description=__doc__,
+  p = ArgumentParser(prog="python -m eval.size", description=__doc__,
                               formatter_class=argparse.RawDescriptionHelpFormatter)
   p.add_argument("--ckpt", default=None,
                  help="run / Orbax checkpoint directory, official .pt or packed file (default: "
@@ -104,8 +106,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                     "`python -m convert.to_torch --ckpt RUN --packed FILE`)")
   rep = measure(ckpt, step=args.step, packed=args.packed, float_dtype=args.float_dtype)
   q = rep.get("quant")
-  what = (f"W{q['bits']}A{q.get('act_bits') or q['bits']} {q.get('method')} {q.get('preset')}"
-          if q else "float")
+  what = QuantRecipe.from_dict(q).label if q else "float"
   print(format_report(rep, f"{rep['source']}: {rep['config']} ({what})"))
   if args.json:
     write_json(args.json, {"kind": "eval.size", **rep})

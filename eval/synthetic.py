@@ -13,11 +13,12 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from qsam2_jax.cli import nonnegative_int, positive_int
 from qsam2_jax.data import synthetic
-from train.cli import nonnegative_int, positive_int
 
 
 def build_parser() -> argparse.ArgumentParser:
+  # Plain argparse: a bad flag exits 2 with the usage line (this command's errors are its own).
   parser = argparse.ArgumentParser(
       prog="python -m eval.synthetic",
       description="Generate a synthetic segmentation dataset of textured shapes: COCO-format "

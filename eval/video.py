@@ -41,9 +41,9 @@ import numpy as np
 from PIL import Image
 
 from eval import metrics, plots
+from qsam2_jax.cli import ArgumentParser, compute_dtype, dtype_name, nonnegative_int, positive_int
 from qsam2_jax.errors import UserError, report_user_errors
 from qsam2_jax.files import write_csv, write_json
-from train.cli import nonnegative_int, positive_int
 
 PROTOCOLS = ("davis", "sav")
 VOID_LABEL = 255  # DAVIS "void" pixels: background for scoring, as davis2017-evaluation does
@@ -423,7 +423,7 @@ def write_outputs(result: dict[str, Any], out_dir: str) -> dict[str, str]:
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
-  p = argparse.ArgumentParser(prog="python -m eval.video", description=__doc__,
+  p = ArgumentParser(prog="python -m eval.video", description=__doc__,
                               formatter_class=argparse.RawDescriptionHelpFormatter)
   p.add_argument("--ckpt", default=None,
                  help="Orbax checkpoint directory or official .pt (default: the embedded "
@@ -441,8 +441,9 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
   p.add_argument("--max-videos", type=positive_int, default=None, help="evaluate the first N only")
   p.add_argument("--image-size", type=positive_int, default=None,
                  help="model input size (default: the checkpoint's; 1024 for .pt files)")
-  p.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32",
-                 help="compute dtype; parameters stay float32 (default: %(default)s)")
+  p.add_argument("--dtype", type=dtype_name, default="float32",
+                 help="compute dtype: float32 (fp32) or bfloat16 (bf16); parameters stay float32 "
+                      "(default: %(default)s)")
   p.add_argument("--out", default=None,
                  help="output folder (default: <ckpt>/eval like eval.image, or <file>_eval for "
                       "a file; runs/eval_video for the embedded checkpoint)")
@@ -455,15 +456,13 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
 
 
 def build_predictor(ckpt: str, *, step: Optional[int] = None, image_size: Optional[int] = None,
-                    dtype: str = "fp32", protocol: str = "davis") -> tuple[Any, Any]:
+                    dtype: str = "float32", protocol: str = "davis") -> tuple[Any, Any]:
   """(`VideoPredictor`, config) set up as upstream evaluates: no hole filling, and
   non-overlapping output masks for palette PNGs (davis) only."""
-  import jax.numpy as jnp
-
   from qsam2_jax.checkpoint import load_sam2
   from qsam2_jax.video_predictor import VideoPredictor
   model, cfg = load_sam2(ckpt, step=step, image_size=image_size,
-                         dtype=jnp.bfloat16 if dtype == "bf16" else None)
+                         dtype=compute_dtype(dtype))
   predictor = VideoPredictor(model, fill_hole_area=0, non_overlap_masks=protocol == "davis",
                              show_progress=False)
   return predictor, cfg

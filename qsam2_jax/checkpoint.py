@@ -20,12 +20,14 @@ from qsam2_jax import keymap
 from qsam2_jax.errors import UserError
 from qsam2_jax.files import atomic_path
 from qsam2_jax.model import configs
+from qsam2_jax.model.overrides import apply_overrides, config_overrides
 from qsam2_jax.model.sam2 import SAM2Base, abstract_sam2
 from qsam2_jax.torch_format import NotACheckpointError, read_pt
 
 FORMAT = "qsam2-jax"
 _PATCH_KEY = "image_encoder.trunk.patch_embed.proj.weight"
-_SIZES = {(96, 12): "t", (96, 16): "s", (112, 24): "b+", (144, 48): "l"}
+# (embed_dim, blocks) -> size, from the configs themselves.
+_SIZES = {(c.hiera.embed_dim, c.hiera.depth): c.size for c in configs.CONFIGS.values()}
 
 
 class CheckpointError(UserError):
@@ -37,9 +39,15 @@ class CheckpointError(UserError):
 
 def read_torch_state_dict(path: str | os.PathLike) -> Dict[str, np.ndarray]:
   """The `"model"` state dict of an official (or training) `.pt` file, as numpy arrays."""
-  obj = read_pt(path)
+  return official_state_dict(read_pt(path), path, lambda v: isinstance(v, np.ndarray))
+
+
+def official_state_dict(obj: Any, path: str | os.PathLike,
+                        is_tensor: Callable[[Any], bool]) -> Dict[str, Any]:
+  """The state dict inside a loaded `.pt` object: `obj["model"]` (or `obj` itself), every
+  value a tensor, DDP's `module.` prefix removed; a clear error for anything else."""
   sd = obj.get("model", obj) if isinstance(obj, dict) else None
-  if not isinstance(sd, dict) or not all(isinstance(v, np.ndarray) for v in sd.values()):
+  if not isinstance(sd, dict) or not all(is_tensor(v) for v in sd.values()):
     raise NotACheckpointError(
         f"{path}: expected a dict with a 'model' state dict of tensors (the official SAM2 format)")
   return {k.removeprefix("module."): v for k, v in sd.items()}
@@ -130,18 +138,37 @@ def _resolve_step(directory: str, step: Optional[int]) -> Tuple[ocp.CheckpointMa
   return mngr, step
 
 
-def read_meta(directory: str | os.PathLike, step: Optional[int] = None) -> Dict[str, Any]:
-  """The JSON metadata of a checkpoint step (the latest when `step` is None)."""
-  directory = os.fspath(directory)
-  mngr, step = _resolve_step(directory, step)
-  with mngr:
-    try:
-      meta = mngr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
-    except Exception as e:  # noqa: BLE001 - Orbax raises many types for a broken directory
-      raise CheckpointError(f"{directory} step {step}: cannot read its metadata: {e}") from e
+def _read_meta_of(mngr: ocp.CheckpointManager, directory: str, step: int) -> Dict[str, Any]:
+  try:
+    meta = mngr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+  except Exception as e:  # noqa: BLE001 - Orbax raises many types for a broken directory
+    raise CheckpointError(f"{directory} step {step}: cannot read its metadata: {e}") from e
   if not isinstance(meta, dict) or meta.get("format") != FORMAT:
     raise CheckpointError(f"{directory}: not a {FORMAT} checkpoint (metadata: {meta!r})")
   return {**meta, "step": step}
+
+
+def _restore_model_of(mngr: ocp.CheckpointManager, directory: str, step: int, target: nnx.Module,
+                      sharding: Optional[Callable[[jax.ShapeDtypeStruct], Any]]) -> nnx.Module:
+  graphdef, abstract = nnx.split(target)
+  device = jax.local_devices()[0]
+  shard = sharding or (lambda leaf: jax.sharding.SingleDeviceSharding(device))
+  abstract = jax.tree.map(
+      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=shard(x)), abstract)
+  try:
+    restored = mngr.restore(step, args=ocp.args.Composite(
+        model=ocp.args.StandardRestore(abstract)))["model"]
+  except Exception as e:  # noqa: BLE001
+    raise CheckpointError(f"{directory} step {step}: cannot restore the model state: {e}") from e
+  return nnx.merge(graphdef, restored)
+
+
+def read_meta(directory: str | os.PathLike, step: Optional[int] = None) -> Dict[str, Any]:
+  """The JSON metadata of a checkpoint step (the latest when `step` is None), plus `step`."""
+  directory = os.fspath(directory)
+  mngr, step = _resolve_step(directory, step)
+  with mngr:
+    return _read_meta_of(mngr, directory, step)
 
 
 def restore_state(directory: str | os.PathLike, target: nnx.Module, *, step: Optional[int] = None,
@@ -152,81 +179,158 @@ def restore_state(directory: str | os.PathLike, target: nnx.Module, *, step: Opt
   local device), so checkpoints restore onto any topology.
   """
   directory = os.fspath(directory)
-  graphdef, abstract = nnx.split(target)
-  device = jax.local_devices()[0]
-  shard = sharding or (lambda leaf: jax.sharding.SingleDeviceSharding(device))
-  abstract = jax.tree.map(
-      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=shard(x)), abstract)
   mngr, step = _resolve_step(directory, step)
   with mngr:
-    try:
-      restored = mngr.restore(step, args=ocp.args.Composite(
-          model=ocp.args.StandardRestore(abstract)))["model"]
-    except Exception as e:  # noqa: BLE001
-      raise CheckpointError(f"{directory} step {step}: cannot restore the model state: {e}") from e
-  return nnx.merge(graphdef, restored)
+    return _restore_model_of(mngr, directory, step, target, sharding)
+
+
+# ---------------------------------------------------------------------------- metadata
+
+
+def sam_config(meta: Mapping[str, Any], *, config: Optional[str] = None,
+               image_size: Optional[int] = None) -> configs.SAM2Config:
+  """The SAM2 config that checkpoint metadata describes, its `config_overrides` applied.
+
+  `config` / `image_size` replace the stored name / size; the overrides describe changes to
+  the stored config, so they apply only when `config` names the same one.
+  """
+  cfg = configs.get_config(config or meta["config"],
+                           image_size=image_size or meta.get("image_size"))
+  if cfg.name != configs.get_config(meta["config"]).name:
+    return cfg
+  try:
+    return apply_overrides(cfg, meta.get("config_overrides"))
+  except ValueError as e:
+    raise CheckpointError(f"{meta.get('source', 'checkpoint')}: {e}") from e
+
+
+def model_meta(cfg: configs.SAM2Config, kind: str, source: Optional[str] = None, *,
+               quant: Any = None, **extra: Any) -> Dict[str, Any]:
+  """The metadata a model checkpoint of this project stores (one builder for every writer).
+
+  Args:
+    cfg: the model's config; its name, image size and `config_overrides` are recorded.
+    kind: what produced it ("fp", "calibrated", "ptq", "qat", ...).
+    source: where its weights came from (a path).
+    quant: the `QuantRecipe` (or its dict) of a quantized model.
+    extra: anything else worth keeping (run settings, summaries).
+  """
+  meta: Dict[str, Any] = {"config": cfg.name, "image_size": int(cfg.image_size), "kind": kind}
+  if source is not None:
+    meta["source"] = os.fspath(source)
+  over = config_overrides(cfg)  # reduced / modified architectures restore too
+  if over:
+    meta["config_overrides"] = over
+  if quant is not None:
+    meta["quant"] = quant if isinstance(quant, dict) else quant.to_dict()
+  meta.update(extra)
+  return meta
+
+
+def describe(path: str | os.PathLike, step: Optional[int] = None) -> Dict[str, Any]:
+  """What a checkpoint is, without loading its weights.
+
+  An Orbax directory gives its stored metadata (config, image size, recipe, kind, step, ...);
+  a packed file its manifest's; an official `.pt` file only {"kind": "fp"}. `source` is the
+  absolute path of `path` (an Orbax checkpoint's own provenance stays under `origin`).
+  """
+  from qsam2_jax.quant import packed_file
+  path = os.fspath(path)
+  if os.path.isdir(path):
+    meta = {k: v for k, v in read_meta(path, step).items() if k != "format"}
+  elif not os.path.exists(path):
+    raise CheckpointError(f"checkpoint not found: {path}")
+  elif packed_file.is_packed_file(path):
+    m = packed_file.read_manifest(path)
+    meta = {**m.get("source", {}), "config": m["config"], "image_size": m["image_size"],
+            "quant": m.get("quant"), "kind": "packed"}
+    if m.get("config_overrides"):
+      meta["config_overrides"] = m["config_overrides"]
+  else:
+    meta = {"kind": "fp"}
+  if "source" in meta and os.path.isdir(path):
+    meta["origin"] = meta["source"]
+  meta["source"] = os.path.abspath(path)
+  return meta
 
 
 # ---------------------------------------------------------------------------- one entry point
 
 
+def load_with_meta(path: str | os.PathLike, *, config: Optional[str] = None, dtype=None,
+                   image_size: Optional[int] = None, step: Optional[int] = None,
+                   float_only: Optional[str] = None,
+                   sharding: Optional[Callable[[jax.ShapeDtypeStruct], Any]] = None
+                   ) -> Tuple[SAM2Base, Dict[str, Any]]:
+  """`load_sam2`, returning the checkpoint's metadata (`describe`) in place of the config.
+
+  The metadata's `config` and `image_size` are those of the loaded model.
+  """
+  model, cfg, meta = _load(path, config=config, dtype=dtype, image_size=image_size, step=step,
+                           float_only=float_only, sharding=sharding)
+  return model, meta
+
+
 def load_sam2(path: str | os.PathLike, *, config: Optional[str] = None, dtype=None,
-              image_size: Optional[int] = None, step: Optional[int] = None
+              image_size: Optional[int] = None, step: Optional[int] = None,
+              float_only: Optional[str] = None,
+              sharding: Optional[Callable[[jax.ShapeDtypeStruct], Any]] = None
               ) -> Tuple[SAM2Base, configs.SAM2Config]:
   """Loads an official `.pt` file, a packed low-bit file or an Orbax directory of this project.
 
+  The one loader: every command and the predictors load through it.
+
   Args:
     path: `.pt` file, packed file (`qsam2_jax.quant.packed_file`) or checkpoint directory.
-    config: config name; detected from the checkpoint when None.
+    config: config name; detected from the checkpoint when None. Orbax metadata's
+      `config_overrides` (reduced architectures) are applied.
     dtype: compute dtype (e.g. jnp.bfloat16); parameters stay float32.
     image_size: model input size (default: the checkpoint's, 1024 for official files).
     step: Orbax step (default: latest).
+    float_only: refuse a quantized checkpoint (packed or Orbax); the text names what needs a
+      float one, e.g. "train.qat --init" -> "... train.qat --init needs a float checkpoint".
+    sharding: leaf -> sharding of an Orbax restore (default: the first local device).
   """
+  model, cfg, _ = _load(path, config=config, dtype=dtype, image_size=image_size, step=step,
+                        float_only=float_only, sharding=sharding)
+  return model, cfg
+
+
+def _load(path, *, config, dtype, image_size, step, float_only, sharding):
+  from qsam2_jax.quant import packed_file  # late, like the recipe: float paths skip quant
   path = os.fspath(path)
   if os.path.isdir(path):
-    meta = read_meta(path, step)
-    cfg = configs.get_config(config or meta["config"],
-                             image_size=image_size or meta.get("image_size"))
-    target = abstract_model(cfg, quant=meta.get("quant"), dtype=dtype)
-    model = restore_state(path, target, step=meta["step"])
+    mngr, step = _resolve_step(path, step)
+    with mngr:  # one manager: the metadata and the state of the same step
+      meta = {k: v for k, v in _read_meta_of(mngr, path, step).items() if k != "format"}
+      _check_float(meta, path, float_only)
+      cfg = sam_config(meta, config=config, image_size=image_size)
+      target = abstract_model(cfg, quant=meta.get("quant"), dtype=dtype)
+      model = _restore_model_of(mngr, path, step, target, sharding)
     if meta.get("quant"):
       from qsam2_jax.quant import set_mode
       set_mode(model, "eval")  # frozen statistics: restoring is for evaluation and export
-    return model, cfg
-  if not os.path.exists(path):
+    if "source" in meta:
+      meta["origin"] = meta["source"]
+  elif not os.path.exists(path):
     raise CheckpointError(f"checkpoint not found: {path}")
-  from qsam2_jax.quant import packed_file  # late, like the recipe: float paths skip quant
-  if packed_file.is_packed_file(path):
-    return packed_file.load(path, config=config, dtype=dtype, image_size=image_size)
-  sd = read_torch_state_dict(path)
-  cfg = (configs.get_config(config, image_size=image_size) if config
-         else detect_config(sd, path, image_size))
-  return model_from_state_dict(sd, cfg, dtype=dtype, source=path), cfg
+  elif packed_file.is_packed_file(path):
+    meta = describe(path)
+    _check_float(meta, path, float_only)
+    model, cfg = packed_file.load(path, config=config, dtype=dtype, image_size=image_size)
+  else:
+    sd = read_torch_state_dict(path)
+    cfg = (configs.get_config(config, image_size=image_size) if config
+           else detect_config(sd, path, image_size))
+    model = model_from_state_dict(sd, cfg, dtype=dtype, source=path)
+    meta = {"kind": "fp"}
+  meta.update(config=cfg.name, image_size=cfg.image_size, source=os.path.abspath(path))
+  return model, cfg, meta
 
 
-def load_with_meta(path: str | os.PathLike, *, step: Optional[int] = None,
-                   image_size: Optional[int] = None) -> Tuple[SAM2Base, Dict[str, Any]]:
-  """A checkpoint to export, with the metadata a packed file records about it.
-
-  Orbax directories give their stored metadata (config, image size, recipe, kind, step);
-  official `.pt` files and packed files what can be said about them.
-  """
-  from qsam2_jax.quant import packed_file
-  path = os.fspath(path)
-  if os.path.isdir(path):
-    meta = read_meta(path, step)
-    model, cfg = load_sam2(path, step=meta["step"], image_size=image_size)
-    meta = {k: v for k, v in meta.items() if k != "format"}
-    return model, {**meta, "config": cfg.name, "image_size": cfg.image_size,
-                   "source": os.path.abspath(path)}
-  model, cfg = load_sam2(path, image_size=image_size)
-  if packed_file.is_packed_file(path):
-    manifest = packed_file.read_manifest(path)
-    return model, {**manifest.get("source", {}), "config": cfg.name,
-                   "image_size": cfg.image_size, "quant": manifest.get("quant"),
-                   "kind": "packed", "source": os.path.abspath(path)}
-  return model, {"config": cfg.name, "image_size": cfg.image_size, "kind": "fp",
-                 "source": os.path.abspath(path)}
+def _check_float(meta: Dict[str, Any], path: str, float_only: Optional[str]) -> None:
+  if float_only and meta.get("quant"):
+    raise CheckpointError(f"{path} is already quantized; {float_only} needs a float checkpoint")
 
 
 # ---------------------------------------------------------------------------- training runs

@@ -98,11 +98,13 @@ def read_pt(path: str | os.PathLike) -> Any:
     zf = zipfile.ZipFile(path)
   except zipfile.BadZipFile as e:
     raise NotACheckpointError(
-        f"{path} is not a PyTorch checkpoint (expected the zip format written by torch.save)") from e
+        f"{path} is not a PyTorch checkpoint (expected the zip format written by torch.save)"
+    ) from e
   with zf:
     pkl = [n for n in zf.namelist() if n.endswith("data.pkl")]
     if not pkl:
-      raise NotACheckpointError(f"{path} is a zip file but holds no data.pkl: not a torch checkpoint")
+      raise NotACheckpointError(
+          f"{path} is a zip file but holds no data.pkl: not a torch checkpoint")
     prefix = pkl[0][: -len("data.pkl")]
     byteorder = zf.read(prefix + "byteorder").decode() if prefix + "byteorder" in zf.namelist() \
         else "little"

@@ -13,6 +13,31 @@ import pytest  # noqa: E402
 
 jax.config.update("jax_default_matmul_precision", "highest")
 
+# Test modules that need neither PyTorch nor the `sam2` package (no parity reference, no embedded
+# default checkpoint, which `sam2` builds). Every other module is marked `torch`. Without torch /
+# sam2 (the compatibility job: newest jax on Python 3.12) those modules are not collected, and the
+# header says so: `pytest -m "not torch"` runs the same selection where torch is installed.
+TORCH_FREE = ("test_checkpoint.py", "test_data_pipeline.py", "test_metrics.py",
+              "test_quant_core.py", "test_quant_model.py", "test_quant_packing.py",
+              "test_quant_vrc.py", "test_synthetic.py")
+try:
+  import sam2  # noqa: F401
+  import torch  # noqa: F401
+  HAVE_TORCH = True
+except ImportError:
+  HAVE_TORCH = False
+_HERE = os.path.dirname(os.path.abspath(__file__))
+_NEED_TORCH = sorted(f for f in os.listdir(_HERE)
+                     if f.startswith("test_") and f.endswith(".py") and f not in TORCH_FREE)
+collect_ignore = [] if HAVE_TORCH else _NEED_TORCH
+
+
+def pytest_report_header(config):
+  if not HAVE_TORCH:
+    return (f"torch / sam2 not installed: {len(_NEED_TORCH)} test modules that need them "
+            f"(marker `torch`) are not collected: {', '.join(_NEED_TORCH)}")
+  return None
+
 
 @pytest.fixture(scope="session")
 def torch_t256():
@@ -50,5 +75,8 @@ _LONG_FIRST = ("test_qat_runs.py", "test_calibrate_ptq.py", "test_export.py", "t
 
 
 def pytest_collection_modifyitems(config, items):
+  for item in items:
+    if item.path.name not in TORCH_FREE:
+      item.add_marker(pytest.mark.torch)
   rank = {name: i for i, name in enumerate(_LONG_FIRST)}
   items.sort(key=lambda item: rank.get(item.path.name, len(rank)))   # stable within a module

@@ -215,7 +215,20 @@ def test_packed_w2_reproduces_the_fake_quant_model(w2, w2_restored, w2_packed):
   out = _predict(loaded, _image())
   errs = [rel_err(a, b) for a, b in zip(out, ref)]
   print(f"packed vs fake-quant W2, relative errors (masks, IoU, low-res logits): {errs}")
-  assert max(errs) <= 1e-4
+  # Weights and quantizer state are bit-identical (asserted above), but these are two compiled
+  # programs (the fake-quant one dequantizes its kernels inside the graph), which the CPU's
+  # kernels (AVX2 / AVX-512) may round an ulp apart; the 8-bit activation quantizers turn such
+  # an ulp into a whole code step on the few inputs that sit on a rounding boundary (measured:
+  # 0 on Intel, 2.4e-4 on AMD EPYC). So the bound is what a few code steps can move, checked to
+  # lie far below a real, small difference: the same model with its float rest rounded to
+  # 16 bits (the default packed file; same compiled program as `loaded`).
+  rounded = _predict(ImagePredictor.from_checkpoint(str(w2_packed)), _image())
+  errs16 = [rel_err(a, b) for a, b in zip(rounded, ref)]
+  print(f"16-bit float rest vs fake-quant W2: {errs16}")
+  same_mask = float(np.mean((out[0] > 0) == (ref[0] > 0)))
+  assert same_mask >= 0.999, same_mask
+  assert max(errs) <= 1e-3
+  assert max(errs) <= 0.1 * max(errs16)
   assert np.std(ref[2]) > 0.1                 # not a degenerate output
 
 

@@ -27,9 +27,9 @@ from typing import Any, Dict, Optional, Sequence, Tuple
 
 import numpy as np
 
+from qsam2_jax.cli import ArgumentParser, nonnegative_int, positive_int, vrc_lambda
 from qsam2_jax.errors import UserError, report_user_errors
 from qsam2_jax.files import write_json
-from train.cli import ArgumentParser, nonnegative_int, positive_int, vrc_lambda
 
 BITS = (2, 3, 4, 8)
 
@@ -53,10 +53,11 @@ def add_common_args(p: argparse.ArgumentParser) -> None:
   p.add_argument("--seed", type=int, default=0,
                  help="seed of the image selection and of the measurement prompts")
   p.add_argument("--batch-size", type=positive_int, default=4, help="images per forward")
-  p.add_argument("--lambda", dest="lam", type=vrc_lambda, default=None,
+  p.add_argument("--vrc-lambda", "--lambda", dest="lam", type=vrc_lambda, default=None,
                  help="VRC lambda_0, or 'auto' (per layer, minimizing the quantized output "
                       "error at --bits) (default 3e-3)")
-  p.add_argument("--lambda-mode", choices=("relative", "absolute"), default="relative",
+  p.add_argument("--vrc-lambda-mode", "--lambda-mode", dest="lambda_mode",
+                 choices=("relative", "absolute"), default="relative",
                  help="relative: lambda = lambda_0 * trace(S) / d_in (default); absolute: "
                       "lambda = lambda_0")
   p.add_argument("--min-tokens-per-dim", type=float, default=1.0,
@@ -84,10 +85,8 @@ def load_float_model(init: Optional[str], image_size: Optional[int]):
   from qsam2_jax.data.synthetic import DEFAULT_IMAGE_SIZE
 
   path = init if init is not None else default_checkpoint(image_size or DEFAULT_IMAGE_SIZE)
-  if os.path.isdir(path) and checkpoint.read_meta(path).get("quant"):
-    raise UserError(f"{path} is already quantized; calibration and PTQ start from a float "
-                    "checkpoint")
-  model, cfg = checkpoint.load_sam2(path, image_size=image_size)
+  model, cfg = checkpoint.load_sam2(path, image_size=image_size,
+                                    float_only="calibration / PTQ (--init)")
   return model, cfg, path
 
 
@@ -163,9 +162,8 @@ def run(args: argparse.Namespace) -> CalibrateResult:
                          progress=not args.quiet, prompt_seed=args.seed)
   lines = errors.table().splitlines()
   print("\n".join(lines if not args.quiet else lines[-2:]))
-  meta = {"config": cfg.name, "image_size": cfg.image_size, "kind": "calibrated",
-          "source": source, "data": data, "seed": args.seed, "vrc": result.summary(),
-          "errors": errors.summary()}
+  meta = checkpoint.model_meta(cfg, "calibrated", source, data=data, seed=args.seed,
+                              vrc=result.summary(), errors=errors.summary())
   out = checkpoint.save_model(args.out, model, meta, overwrite=args.overwrite)
   files = write_vrc_report(result, out)
   files["errors.json"] = os.path.join(out, "errors.json")

@@ -14,15 +14,14 @@ import dataclasses
 import math
 from typing import Any, Dict, Optional, Union
 
+from qsam2_jax.cli import DTYPE_SPELLINGS, DTYPES
 from qsam2_jax.errors import UserError
+from qsam2_jax.quant.recipe import ACT_BITS, METHOD_ALIASES, PRESETS, TRAIN_METHODS
+from qsam2_jax.quant.recipe import TARGET_BITS as BITS
 
-METHODS = ("qsam2", "lsq", "pact", "minmax", "fp")
-# `--method` -> `QuantRecipe.method` (qsam2 = LSC quantizers after VRC; fp = no quantization).
-RECIPE_METHOD = {"qsam2": "lsc", "lsq": "lsq", "pact": "pact", "minmax": "minmax"}
-BITS = (2, 3, 4, 8)
-ACT_BITS = (2, 3, 4, 8, 16)
-PRESETS = ("paper", "encoder")
-DTYPES = ("bfloat16", "float32")
+METHODS = tuple(TRAIN_METHODS) + tuple(METHOD_ALIASES)   # `--method` choices, aliases included
+# `--method` -> `QuantRecipe.method`.
+RECIPE_METHOD = {name: q for name, (q, _) in TRAIN_METHODS.items() if q is not None}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -86,6 +85,9 @@ class TrainConfig:
     return cls(**{**small, **overrides})
 
   def __post_init__(self):
+    # One spelling inside: aliases of methods and dtypes resolve here.
+    object.__setattr__(self, "method", METHOD_ALIASES.get(self.method, self.method))
+    object.__setattr__(self, "dtype", DTYPE_SPELLINGS.get(self.dtype, self.dtype))
     if self.bits not in BITS:
       raise UserError(f"--bits must be one of {', '.join(map(str, BITS))}, got {self.bits}")
     if self.act_bits is not None and self.act_bits not in ACT_BITS:
@@ -134,7 +136,7 @@ class TrainConfig:
 
   @property
   def use_vrc(self) -> bool:
-    return self.method == "qsam2" and self.vrc_lambda != "off"
+    return TRAIN_METHODS[self.method][1] and self.vrc_lambda != "off"
 
   @property
   def tag(self) -> str:

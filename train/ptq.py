@@ -2,7 +2,7 @@
 
   python -m train.ptq --out runs/ptq-w4                         # embedded SAM2.1-t, W4A4 vrc+mse
   python -m train.ptq --init ckpt/fp --bits 4 --act-bits 8 --method mse --out runs/w4a8-mse
-  python -m train.ptq --init ckpt/fp --bits 2 --method vrc+mse --lambda auto --data /data/coco
+  python -m train.ptq --init ckpt/fp --bits 2 --method vrc+mse --vrc-lambda auto --data /data/coco
 
 Methods: `minmax` (ranges from the min / max) and `mse` (MSE-optimal clipping) for weights (per
 output channel, symmetric) and input activations (per tensor, asymmetric); `vrc+minmax` /
@@ -28,10 +28,10 @@ import os
 import sys
 from typing import Any, Dict, Optional, Sequence
 
+from qsam2_jax.cli import ArgumentParser
 from qsam2_jax.errors import UserError, report_user_errors
 from qsam2_jax.files import write_json
 from train.calibrate import add_common_args, check_paths, load_float_model, load_images
-from train.cli import ArgumentParser
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
@@ -72,7 +72,12 @@ def run(args: argparse.Namespace) -> PTQResult:
 
   from qsam2_jax import checkpoint
   from qsam2_jax.quant.calibration import (
-      output_errors, ptq, run_vrc, split_method, write_vrc_report)
+    output_errors,
+    ptq,
+    run_vrc,
+    split_method,
+    write_vrc_report,
+  )
   from qsam2_jax.quant.recipe import BITS, QuantRecipe
   from qsam2_jax.quant.vrc import DEFAULT_LAM0
 
@@ -82,7 +87,7 @@ def run(args: argparse.Namespace) -> PTQResult:
   if args.high_bits not in BITS:
     raise UserError(f"--high-bits must be one of {BITS}, got {args.high_bits}")
   if not use_vrc and args.lam is not None:
-    raise UserError(f"--lambda applies to the vrc+ methods, not {args.method}")
+    raise UserError(f"--vrc-lambda / --lambda applies to the vrc+ methods, not {args.method}")
   if use_vrc and recipe.bits == 16:
     raise UserError("VRC needs quantized weights (--bits 2, 3, 4 or 8)")
   lam0 = DEFAULT_LAM0 if args.lam is None else args.lam
@@ -112,12 +117,12 @@ def run(args: argparse.Namespace) -> PTQResult:
                          prompt_seed=args.seed)
   lines = errors.table().splitlines()
   print("\n".join(lines if not args.quiet else lines[-2:]))
-  meta = {"config": cfg.name, "image_size": cfg.image_size, "kind": "ptq", "source": source,
-          "quant": recipe.to_dict(),
-          "ptq": {"method": args.method, "images": len(calib), "data": data, "seed": args.seed,
-                  "lambda": lam0 if use_vrc else None,
-                  "lambda_mode": args.lambda_mode if use_vrc else None},
-          "errors": errors.summary()}
+  meta = checkpoint.model_meta(
+      cfg, "ptq", source, quant=recipe,
+      ptq={"method": args.method, "images": len(calib), "data": data, "seed": args.seed,
+           "lambda": lam0 if use_vrc else None,
+           "lambda_mode": args.lambda_mode if use_vrc else None},
+      errors=errors.summary())
   if vrc is not None:
     meta["vrc"] = vrc.summary()
   out = checkpoint.save_model(args.out, model, meta, overwrite=args.overwrite)

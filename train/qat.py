@@ -32,9 +32,15 @@ from typing import Any, Dict, Optional, Sequence
 
 import numpy as np
 
+from qsam2_jax.cli import (
+  ArgumentParser,
+  dtype_name,
+  nonnegative_float,
+  nonnegative_int,
+  positive_int,
+  vrc_lambda_or_off,
+)
 from qsam2_jax.errors import UserError, report_user_errors
-from train.cli import (
-    ArgumentParser, nonnegative_float, nonnegative_int, positive_int, vrc_lambda_or_off)
 from train.config import ACT_BITS, BITS, METHODS, PRESETS, TrainConfig
 
 # Flags that may differ when resuming; the others must match the run being resumed.
@@ -61,14 +67,17 @@ def build_parser() -> argparse.ArgumentParser:
                      formatter_class=argparse.RawDescriptionHelpFormatter,
                      argument_default=argparse.SUPPRESS)
   g = p.add_argument_group("quantization")
-  g.add_argument("--bits", type=int, choices=BITS, help=f"weight and activation bits {default('bits')}")
+  g.add_argument("--bits", type=int, choices=BITS,
+                 help=f"weight and activation bits {default('bits')}")
   g.add_argument("--act-bits", type=int, choices=ACT_BITS,
                  help="activation bits (default: --bits; 16 = weight-only)")
-  g.add_argument("--method", choices=METHODS, help="qsam2 = LSC quantizers after VRC; lsq, pact, "
-                 "minmax; fp = full-precision fine-tuning (default qsam2)")
+  g.add_argument("--method", choices=METHODS, help="qsam2 = VRC then LSC quantizers (alias "
+                 "vrc+lsc); lsc = LSC alone; lsq, pact, minmax; fp = full-precision fine-tuning "
+                 "(default qsam2)")
   g.add_argument("--preset", choices=PRESETS, help="paper: whole model (first/last layers at 8 "
                  "bits); encoder: only the image encoder's linears (default paper)")
-  g.add_argument("--vrc-lambda", type=vrc_lambda_or_off, help="VRC lambda_0: a number, 'auto' (per layer) "
+  g.add_argument("--vrc-lambda", type=vrc_lambda_or_off,
+                 help="VRC lambda_0: a number, 'auto' (per layer) "
                  "or 'off' (no VRC) (default 3e-3)")
   g.add_argument("--vrc-lambda-mode", choices=("relative", "absolute"),
                  help="lambda = lambda_0 * trace(S)/d_in (relative, default) or lambda_0")
@@ -86,18 +95,21 @@ def build_parser() -> argparse.ArgumentParser:
                  "checkpoint's; 256 for the embedded one)")
   g.add_argument("--masks-per-image", type=positive_int,
                  help=f"masks sampled per image {default('masks_per_image')}")
-  g.add_argument("--dtype", choices=("bfloat16", "float32"),
-                 help=f"compute dtype; weights stay float32 {default('dtype')}")
+  g.add_argument("--dtype", type=dtype_name,
+                 help=f"compute dtype: bfloat16 (bf16) or float32 (fp32); weights stay float32 "
+                 f"{default('dtype')}")
   g = p.add_argument_group("optimization")
   g.add_argument("--steps", type=positive_int, help=f"{default('steps')}")
   g.add_argument("--batch-size", type=positive_int,
                  help=f"global batch, images over all processes {default('batch_size')}")
-  g.add_argument("--lr", type=nonnegative_float, help=f"weights' peak learning rate {default('lr')}")
+  g.add_argument("--lr", type=nonnegative_float,
+                 help=f"weights' peak learning rate {default('lr')}")
   g.add_argument("--clip-lr", type=nonnegative_float,
                  help=f"clip factors' peak learning rate {default('clip_lr')}")
   g.add_argument("--weight-decay", type=nonnegative_float, help=f"{default('weight_decay')}")
   g.add_argument("--warmup-steps", type=nonnegative_int, help="(default: 5%% of --steps)")
-  g.add_argument("--grad-clip", type=nonnegative_float, help="global-norm clip, 0 = off (default 1)")
+  g.add_argument("--grad-clip", type=nonnegative_float,
+                 help="global-norm clip, 0 = off (default 1)")
   g.add_argument("--distill", type=nonnegative_float,
                  help="weight of the MSE to the FP model's mask logits (default 0)")
   g.add_argument("--seed", type=int, help="data order, augmentation and prompts (default 0)")
@@ -141,33 +153,15 @@ def parse_config(argv: Optional[Sequence[str]] = None) -> tuple[TrainConfig, Dic
 def load_init(cfg: TrainConfig, dtype):
   """(float model, SAM2 config, source path) from --init or the embedded checkpoint.
 
-  Orbax metadata may carry `config_overrides` ({"hiera": {...}}) for reduced architectures
-  (tests); official files and named configs load through `checkpoint.load_sam2`.
+  `checkpoint.load_sam2` applies the metadata's `config_overrides` (reduced architectures).
   """
   from convert.random_checkpoint import default_checkpoint
   from qsam2_jax import checkpoint
   from qsam2_jax.data.synthetic import DEFAULT_IMAGE_SIZE
   path = cfg.init or default_checkpoint(cfg.image_size or DEFAULT_IMAGE_SIZE)
-  meta = checkpoint.read_meta(path) if os.path.isdir(path) else {}
-  if meta.get("quant"):
-    raise UserError(f"{path} is already quantized; QAT starts from a float checkpoint")
-  if meta.get("config_overrides"):
-    sam_cfg = sam_config(meta, cfg.image_size)
-    model = checkpoint.restore_state(path, checkpoint.abstract_model(sam_cfg, dtype=dtype))
-    return model, sam_cfg, path
-  model, sam_cfg = checkpoint.load_sam2(path, image_size=cfg.image_size, dtype=dtype)
+  model, sam_cfg = checkpoint.load_sam2(path, image_size=cfg.image_size, dtype=dtype,
+                                        float_only="train.qat --init")
   return model, sam_cfg, path
-
-
-def sam_config(meta: Dict[str, Any], image_size: Optional[int] = None):
-  """The SAM2 config of checkpoint metadata, with its `config_overrides` applied."""
-  from qsam2_jax.model import configs
-  sam_cfg = configs.get_config(meta["config"], image_size=image_size or meta.get("image_size"))
-  over = dict(meta.get("config_overrides") or {})
-  if "hiera" in over:
-    hiera = {k: tuple(v) if isinstance(v, list) else v for k, v in over.pop("hiera").items()}
-    over["hiera"] = dataclasses.replace(sam_cfg.hiera, **hiera)
-  return sam_cfg.replace(**over)
 
 
 def sample_images(source, num: int, size: int, seed: int) -> np.ndarray:
@@ -289,7 +283,8 @@ def run(cfg: TrainConfig, given: Optional[Dict[str, Any]] = None) -> RunResult:
   from qsam2_jax import checkpoint
   from qsam2_jax.data import pipeline
   from qsam2_jax.quant import calibration, set_mode
-  from train import losses, step as steplib
+  from train import losses
+  from train import step as steplib
   from train.logging_utils import MetricLogger, Progress
 
   is_main = jax.process_index() == 0
@@ -324,7 +319,8 @@ def run(cfg: TrainConfig, given: Optional[Dict[str, Any]] = None) -> RunResult:
       images = sample_images(train_src, cfg.vrc_images, image_size, cfg.seed)
       result = calibration.run_vrc(model, images, lam0=cfg.vrc_lambda,
                                    lam_mode=cfg.vrc_lambda_mode, bits=cfg.bits,
-                                   batch_size=min(4, cfg.vrc_images), progress=cfg.progress and is_main)
+                                   batch_size=min(4, cfg.vrc_images),
+                                   progress=cfg.progress and is_main)
       vrc_summary = result.summary()
       say(result.table().splitlines()[-1])
       if is_main:
@@ -338,7 +334,7 @@ def run(cfg: TrainConfig, given: Optional[Dict[str, Any]] = None) -> RunResult:
       set_mode(model, "train")
   else:
     source, data_path = meta_saved.get("source"), meta_saved.get("data")
-    sam_cfg = sam_config(meta_saved)
+    sam_cfg = checkpoint.sam_config(meta_saved)
     image_size = sam_cfg.image_size
     train_src, val_src, data_path = open_data(cfg, image_size)
     model = checkpoint.abstract_model(sam_cfg, quant=meta_saved.get("quant"), dtype=dtype)
@@ -380,14 +376,8 @@ def run(cfg: TrainConfig, given: Optional[Dict[str, Any]] = None) -> RunResult:
     say(f"resumed {out} at step {start}")
   teacher_state = steps.place_teacher(teacher) if steps.teacher_gd is not None else None
   del model, optimizer, teacher  # the states live on the mesh now
-  meta = {"config": sam_cfg.name, "image_size": image_size, "kind": "qat" if recipe else "fp",
-          "source": source, "data": data_path, "run": cfg.replace(resume=False).to_dict()}
-  over = (meta_saved or {}).get("config_overrides") or (
-      checkpoint.read_meta(source).get("config_overrides") if os.path.isdir(source) else None)
-  if over:
-    meta["config_overrides"] = over
-  if recipe is not None:
-    meta["quant"] = recipe.to_dict()
+  meta = checkpoint.model_meta(sam_cfg, "qat" if recipe else "fp", source, quant=recipe,
+                              data=data_path, run=cfg.replace(resume=False).to_dict())
   if vrc_summary:
     meta["vrc"] = vrc_summary
 

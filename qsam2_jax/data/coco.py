@@ -8,7 +8,8 @@ image; the transform decodes only the few it samples (`Example.decode_mask`).
 Layouts:
   COCO: one JSON (`images`, `annotations` with `segmentation` as polygons or RLE) and an image
     folder; `file_name` is resolved against the JSON's folder (our synthetic datasets), its
-    `images/` subfolder, or COCO's `<root>/<split>/` for `<root>/annotations/instances_<split>.json`.
+    `images/` subfolder, or COCO's `<root>/<split>/` for
+    `<root>/annotations/instances_<split>.json`.
   SA-1B: a folder of `sa_<id>.jpg` + `sa_<id>.json`, the JSON holding `image` (with `height`,
     `width`) and `annotations` (compressed RLE `segmentation`, `area`, ...).
 

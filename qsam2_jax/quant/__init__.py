@@ -13,20 +13,63 @@ The plotting helpers live in `qsam2_jax.quant.vrc_plots` (imports matplotlib laz
 """
 
 from qsam2_jax.quant.core import (
-    GAUSSIAN_CLIP, PASSTHROUGH_BITS, dequantize, fake_quant, mse_quantize_symmetric, num_steps,
-    quantize, scale_grad, ste_round)
+    GAUSSIAN_CLIP,
+    PASSTHROUGH_BITS,
+    dequantize,
+    fake_quant,
+    mse_quantize_symmetric,
+    num_steps,
+    quantize,
+    scale_grad,
+    ste_round,
+)
 from qsam2_jax.quant.packing import pack, packed_size, unpack
 from qsam2_jax.quant.qlayers import (
-    QConv, QConvTranspose2x2, QLinear, QuantizedWeight, calibrate, optimizer_labels, set_mode)
+    QConv,
+    QConvTranspose2x2,
+    QLinear,
+    QuantizedWeight,
+    calibrate,
+    optimizer_labels,
+    set_mode,
+)
 from qsam2_jax.quant.quantizers import (
-    ClipFactor, LSCQuantizer, LSQQuantizer, PACTQuantizer, Quantizer, QuantSpec, QuantStat,
-    RangeQuantizer, make_quantizer)
+    ClipFactor,
+    LSCQuantizer,
+    LSQQuantizer,
+    PACTQuantizer,
+    Quantizer,
+    QuantSpec,
+    QuantStat,
+    RangeQuantizer,
+    make_quantizer,
+)
 from qsam2_jax.quant.rules import (
-    ENCODER_LINEARS, PAPER_HIGH_PRECISION, LayerQuant, QuantReport, QuantRule, find_layers,
-    make_rule, module_path, preset_rules, quantize_model)
+    ENCODER_LINEARS,
+    PAPER_HIGH_PRECISION,
+    LayerQuant,
+    QuantReport,
+    QuantRule,
+    find_layers,
+    make_rule,
+    module_path,
+    preset_rules,
+    quantize_model,
+)
 from qsam2_jax.quant.vrc import (
-    AUTO_GRID, DEFAULT_LAM0, GramAccumulator, VRCLayerReport, apply_vrc, block_std_reduction,
-    capture_inputs, collect_grams, gram_moments, lambda_sweep, ridge_refit, vrc_refit)
+    AUTO_GRID,
+    DEFAULT_LAM0,
+    GramAccumulator,
+    VRCLayerReport,
+    apply_vrc,
+    block_std_reduction,
+    capture_inputs,
+    collect_grams,
+    gram_moments,
+    lambda_sweep,
+    ridge_refit,
+    vrc_refit,
+)
 
 __all__ = [
     "GAUSSIAN_CLIP", "PASSTHROUGH_BITS", "dequantize", "fake_quant", "mse_quantize_symmetric",

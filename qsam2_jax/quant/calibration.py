@@ -26,7 +26,7 @@ import math
 import os
 import re
 import time
-from typing import Any, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import jax
 import jax.numpy as jnp
@@ -41,10 +41,22 @@ from qsam2_jax.model import layers
 from qsam2_jax.quant.qlayers import QUANT_LAYER_TYPES, QLinear, set_mode
 from qsam2_jax.quant.recipe import QuantRecipe
 from qsam2_jax.quant.rules import (
-    ENCODER_LINEARS, QuantReport, find_layers, get_child, module_path, set_child)
+  ENCODER_LINEARS,
+  QuantReport,
+  find_layers,
+  get_child,
+  module_path,
+  set_child,
+)
 from qsam2_jax.quant.vrc import (
-    AUTO_GRID, DEFAULT_LAM0, VRCLayerReport, apply_vrc, block_std_reduction, collect_grams,
-    lambda_sweep)
+  AUTO_GRID,
+  DEFAULT_LAM0,
+  VRCLayerReport,
+  apply_vrc,
+  block_std_reduction,
+  collect_grams,
+  lambda_sweep,
+)
 
 log = logging.getLogger(__name__)
 
@@ -593,7 +605,7 @@ def output_errors(fp_model: nnx.Module, q_model: nnx.Module, images: np.ndarray,
     union = np.sum(pm | rm, axis=(-2, -1))
     mask_iou.extend(np.where(union > 0, inter / np.maximum(union, 1), 1.0).ravel().tolist())
   per, not_run = {}, []
-  for (path, layer), name in zip(pairs, names):
+  for (path, _), name in zip(pairs, names):
     tap = get_child(tapped, path)
     calls = int(tap.calls[...])
     if calls == 0:

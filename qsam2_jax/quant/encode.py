@@ -1,4 +1,4 @@
-"""Weight encoding of quantized models: the fake-quantized weights in PyTorch layout, and their codes.
+"""Weight encoding of quantized models: fake-quantized weights in PyTorch layout, and codes.
 
 A fake-quantized model multiplies with `layer.quantized_kernel()`, not with its stored `kernel`.
 `dequantized_state_dict` puts those values under the official `sam2` keys (everything else as
@@ -21,6 +21,7 @@ from flax import nnx
 from qsam2_jax import keymap
 from qsam2_jax.quant.qlayers import QUANT_LAYER_TYPES, set_mode
 from qsam2_jax.quant.rules import find_layers, module_path
+
 
 @dataclasses.dataclass(frozen=True)
 class EncodedWeight:

@@ -27,9 +27,10 @@ file is readable without this project (numpy and `packing.unpack`):
 - quantizer state that the forward still needs (activation quantizers' clip factors and
   statistics), float32 / int32, keyed by NNX path.
 
-The manifest also holds the config, image size, the `QuantRecipe` (which rebuilds the module
-structure), the rules and the bits of every layer, the provenance, and a CRC-32 of the data so
-a corrupt file is refused. Files are written to a temporary name and renamed into place.
+The manifest also holds the config, image size, `config_overrides` (reduced architectures),
+the `QuantRecipe` (which rebuilds the module structure), the rules and the bits of every
+layer, the provenance, and a CRC-32 of the data so a corrupt file is refused. Files are
+written to a temporary name and renamed into place.
 
 `load` (and so `checkpoint.load_sam2` and `ImagePredictor.from_checkpoint`) builds the recipe's
 layers without weight quantizers, fills the kernels with the dequantized weights and restores
@@ -54,6 +55,7 @@ from qsam2_jax import keymap
 from qsam2_jax.errors import UserError
 from qsam2_jax.files import write_bytes
 from qsam2_jax.model import layers as model_layers
+from qsam2_jax.model.overrides import apply_overrides
 from qsam2_jax.quant import core as fq
 from qsam2_jax.quant import encode
 from qsam2_jax.quant.packing import pack, packed_size, unpack
@@ -242,10 +244,11 @@ def build(model: nnx.Module, meta: Dict[str, Any], *, float_dtype: str = "auto")
   manifest = {
       "format": FORMAT, "version": VERSION,
       "config": meta["config"], "image_size": int(meta["image_size"]),
+      "config_overrides": meta.get("config_overrides") or None,
       "quant": recipe, "rules": _rules(recipe), "layers": _layer_bits(model),
       "float_dtype": float_dtype,
       "source": {k: v for k, v in meta.items() if k not in ("config", "image_size", "quant",
-                                                             "format")},
+                                                             "format", "config_overrides")},
       "tensors": tensors, "quantizer_state": state,
       "data_size": len(blob), "crc32": zlib.crc32(blob)}
   return PackedModel(manifest, blob)
@@ -390,6 +393,11 @@ def load(path: str | os.PathLike, *, config: Optional[str] = None, dtype=None,
   manifest, data = read(path)
   cfg = configs.get_config(config or manifest["config"],
                            image_size=image_size or manifest["image_size"])
+  if cfg.name == configs.get_config(manifest["config"]).name:
+    try:
+      cfg = apply_overrides(cfg, manifest.get("config_overrides"))
+    except ValueError as e:
+      raise PackedFileError(f"{path}: {e}") from e
   model = packed_model(cfg, manifest.get("quant"), dtype=dtype)
   keymap.load_state_dict(model, tensors_from(manifest, data, path), source=path)
   want = {module_path(p): v for p, v in nnx.iter_graph(model)

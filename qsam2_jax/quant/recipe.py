@@ -14,9 +14,23 @@ from flax import nnx
 from qsam2_jax.errors import UserError
 from qsam2_jax.quant.rules import QuantReport, preset_rules, quantize_model
 
-METHODS = ("lsc", "lsq", "pact", "minmax", "mse")
-PRESETS = ("paper", "encoder")
-BITS = (2, 3, 4, 8, 16)
+# The vocabulary every command shares (flags, metadata, report labels), defined once here.
+METHODS = ("lsc", "lsq", "pact", "minmax", "mse")  # quantizer families a recipe can use
+PRESETS = ("paper", "encoder")                      # which layers a recipe quantizes
+BITS = (2, 3, 4, 8, 16)                             # widths a recipe holds (16 = float)
+TARGET_BITS = (2, 3, 4, 8)                          # `--bits` of every command
+ACT_BITS = (2, 3, 4, 8, 16)                         # `--act-bits` (16 = weight-only)
+# `train.qat --method`: name -> (quantizer family, VRC re-fit first); fp = no quantization.
+# qsam2 is the paper's method (VRC + LSC); lsc is LSC alone.
+TRAIN_METHODS = {"qsam2": ("lsc", True), "lsc": ("lsc", False), "lsq": ("lsq", False),
+                 "pact": ("pact", False), "minmax": ("minmax", False), "fp": (None, False)}
+# Other spellings accepted for the same methods.
+METHOD_ALIASES = {"vrc+lsc": "qsam2", "float": "fp"}
+
+
+def label(bits: int, act_bits: Optional[int], method: str, preset: str) -> str:
+  """`W2A2 qsam2 paper`: how commands and reports name a quantized model."""
+  return f"W{bits}A{act_bits or bits} {method} {preset}"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -47,6 +61,10 @@ class QuantRecipe:
   @property
   def tag(self) -> str:
     return f"w{self.bits}a{self.effective_act_bits}-{self.method}-{self.preset}"
+
+  @property
+  def label(self) -> str:
+    return label(self.bits, self.act_bits, self.method, self.preset)
 
   def rules(self):
     return preset_rules(self.preset, self.bits, self.effective_act_bits, method=self.method,

@@ -1,5 +1,7 @@
-"""Command-line pieces shared by the `train`, `eval` and `benchmarks` commands: argparse value
-types with one wording, and a parser whose errors are one `error: ...` line (exit 2)."""
+"""Command-line pieces shared by every command (`convert`, `train`, `eval`, `benchmarks`):
+argparse value types with one wording, one spelling set for dtypes, and a parser whose errors
+are one `error: ...` line (exit 2). The library itself parses no command line; it lives here so
+that every entry package imports it downward."""
 
 from __future__ import annotations
 
@@ -68,3 +70,30 @@ def vrc_lambda_or_off(text: str) -> Union[float, str]:
   except argparse.ArgumentTypeError:
     raise argparse.ArgumentTypeError(
         f"must be a non-negative number, 'auto' or 'off', got {text!r}") from None
+
+
+# Compute dtypes: both spellings accepted everywhere, one canonical name (the numpy one).
+DTYPES = ("float32", "bfloat16")
+DTYPE_SPELLINGS = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16",
+                   "bf16": "bfloat16"}
+SHORT_DTYPE = {"float32": "fp32", "bfloat16": "bf16"}
+
+
+def dtype_name(text: str) -> str:
+  """`--dtype`: fp32 / float32 / bf16 / bfloat16 -> "float32" or "bfloat16"."""
+  try:
+    return DTYPE_SPELLINGS[text.lower()]
+  except KeyError:
+    raise argparse.ArgumentTypeError(
+        f"expected one of {', '.join(DTYPE_SPELLINGS)}, got {text!r}") from None
+
+
+def short_dtype_name(text: str) -> str:
+  """`dtype_name`, spelled fp32 / bf16 (the benchmarks' table labels)."""
+  return SHORT_DTYPE[dtype_name(text)]
+
+
+def compute_dtype(name: str):
+  """The JAX compute dtype of a `--dtype` value (None = float32, the parameters' dtype)."""
+  import jax.numpy as jnp
+  return jnp.bfloat16 if DTYPE_SPELLINGS.get(name, name) == "bfloat16" else None
