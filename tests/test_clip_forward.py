@@ -1,0 +1,213 @@
+"""The clip training forward (`train.clip_forward`, SAM2Train in JAX).
+
+- Parity: with the GT mask on frame 0, no clicks and no quantization, the forward over an
+  8-frame clip gives the per-frame low-res logits of PyTorch's `SAM2VideoPredictor` propagating
+  the same frames from the same masks (randomized SAM2.1-t at 128², two objects).
+- Correction clicks on hand-built masks land where SAM2's sampler puts them.
+- Plans follow SAM2Train's rules.
+"""
+
+from __future__ import annotations
+
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+from flax import nnx
+
+from qsam2_jax.checkpoint import model_from_state_dict
+from qsam2_jax.data.synthetic import make_video_dataset
+from qsam2_jax.model.configs import get_config
+from torch_reference import build_torch_sam2, rel_err, to_numpy
+from train import clip_forward as cf
+
+T = 8
+SIZE = 128
+LOGIT_TOL = 1e-3
+
+
+def _rect(y0, y1, x0, x1):
+  m = np.zeros((SIZE, SIZE), bool)
+  m[y0:y1, x0:x1] = True
+  return m
+
+
+@pytest.fixture(scope="module")
+def _one_torch_thread():
+  old = torch.get_num_threads()
+  torch.set_num_threads(1)
+  yield
+  torch.set_num_threads(old)
+
+
+def test_clip_forward_matches_video_predictor(tmp_path, _one_torch_thread):
+  cfg = get_config("sam2.1_hiera_t", image_size=SIZE)
+  tp = build_torch_sam2(cfg, seed=0, video=True)
+  forward = tp.memory_attention.forward
+
+  def upcast(*args, memory=None, **kwargs):  # bf16 memories into fp32 linears on CPU
+    return forward(*args, memory=memory.float(), **kwargs)
+
+  tp.memory_attention.forward = upcast
+  root = make_video_dataset(tmp_path / "v", 1, T, (SIZE, SIZE), seed=5)
+  # Bands across the frame on the 8-px grid: the predictor encodes a mask prompt's memory from
+  # the low-res logits upsampled and binarized, SAM2Train from the full-res mask; on such masks
+  # (no corners, which the round trip rounds off) both see the same mask (checked below), so
+  # the two protocols must agree to rounding.
+  masks = [_rect(16, 56, 0, SIZE), _rect(0, SIZE, 72, 112)]
+  with torch.inference_mode():
+    ts = tp.init_state(os.path.join(root, "JPEGImages", "synth_0000"))
+    for i, m in enumerate(masks):
+      tp.add_new_mask(ts, 0, i + 1, m)
+    list(tp.propagate_in_video(ts))
+  for i, m in enumerate(masks):  # the predictor's cond-frame memory saw exactly this mask
+    low = ts["output_dict_per_obj"][i]["cond_frame_outputs"][0]["pred_masks"]
+    up = torch.nn.functional.interpolate(low.float(), (SIZE, SIZE), mode="bilinear",
+                                         align_corners=False)
+    np.testing.assert_array_equal(to_numpy(up[0, 0]) > 0, m)
+
+  model = model_from_state_dict({k: to_numpy(v) for k, v in tp.state_dict().items()}, cfg)
+  assert model.sam_mask_decoder.dynamic_multimask_via_stability  # eval rules, as the predictor
+  images = jnp.asarray(to_numpy(ts["images"]).transpose(0, 2, 3, 1))[None]
+  gt = np.zeros((1, T, 2, SIZE, SIZE), bool)
+  gt[0, 0] = np.stack(masks)  # later frames' GT only feeds losses and clicks: unused here
+  ccfg = cf.ClipConfig(correction_clicks=0, memory_dtype="bfloat16", only_past_pointers=True)
+  plan = cf.mask_prompt_plan(1, T)
+  gd, state = nnx.split(model)
+  run = jax.jit(lambda st, im, g: cf.clip_forward(nnx.merge(gd, st), im, g, plan,
+                                                   jax.random.key(0), ccfg))
+  out = run(state, images, jnp.asarray(gt))
+  assert out.pred_masks.shape == (T, 2, 1, SIZE // 4, SIZE // 4)
+  assert out.step_masks.shape == (T, 2, 1, 3, SIZE // 4, SIZE // 4)
+  assert np.asarray(out.step_valid).all()
+  for i in range(2):
+    outs = ts["output_dict_per_obj"][i]
+    for f in range(T):
+      d = outs["cond_frame_outputs"] if f == 0 else outs["non_cond_frame_outputs"]
+      want = to_numpy(d[f]["pred_masks"][0, 0])
+      got = np.asarray(out.pred_masks[f, i, 0])
+      assert (want > 0).any() and (want <= 0).any(), f"reference obj {i} frame {f} constant"
+      assert rel_err(got, want) <= LOGIT_TOL, f"obj {i} frame {f}: {rel_err(got, want):.2e}"
+      want_ptr = to_numpy(d[f]["obj_ptr"][0])
+      assert rel_err(np.asarray(out.obj_ptr[f, i]), want_ptr) <= LOGIT_TOL, (i, f)
+
+
+# ------------------------------------------------------------------------------ clicks
+
+
+def _torch_sampler(gt, pred, seed):
+  from sam2.modeling.sam2_utils import sample_random_points_from_errors
+  torch.manual_seed(seed)
+  g = torch.from_numpy(gt)[:, None]
+  p = None if pred is None else torch.from_numpy(pred)[:, None]
+  pts, labels = sample_random_points_from_errors(g, p)
+  return pts.numpy(), labels.numpy()
+
+
+def test_correction_clicks_land_in_the_error_region():
+  """Hand-built GT / prediction pairs: FN-only, FP-only, both, all correct, empty prediction."""
+  h = w = 24
+  gt = np.zeros((5, h, w), bool)
+  pred = np.zeros((5, h, w), bool)
+  gt[0, 4:12, 4:12] = True
+  pred[0, 4:12, 4:8] = True  # FN: columns 8..11
+  gt[1, 4:12, 4:12] = True
+  pred[1, 4:12, 4:16] = True  # FP: columns 12..15
+  gt[2, 2:6, 2:6] = True
+  pred[2, 14:20, 14:20] = True  # FN (GT) and FP (prediction), disjoint
+  gt[3, 5:9, 5:9] = True
+  pred[3] = gt[3]  # all correct: a negative click on the background
+  gt[4, 10:13, 3:20] = True  # pred empty: a positive click in the GT
+  fn, fp = gt & ~pred, ~gt & pred
+  seen = {i: set() for i in range(5)}
+  for seed in range(200):
+    pts, labels = cf.sample_error_clicks(jax.random.key(seed), jnp.asarray(gt),
+                                         jnp.asarray(pred))
+    pts, labels = np.asarray(pts)[:, 0], np.asarray(labels)[:, 0]
+    assert pts.dtype == np.float32 and labels.dtype == np.int32
+    for i in range(5):
+      x, y = int(pts[i, 0]), int(pts[i, 1])
+      assert pts[i, 0] == x and pts[i, 1] == y  # integer pixel indices, (x, y)
+      if labels[i] == 1:
+        assert fn[i, y, x], (i, x, y)
+      else:
+        assert labels[i] == 0
+        region = fp[i] if fp[i].any() else ~gt[i]
+        assert region[y, x], (i, x, y)
+      seen[i].add((labels[i], x, y))
+  assert {l for l, _, _ in seen[0]} == {1} and {l for l, _, _ in seen[1]} == {0}
+  assert {l for l, _, _ in seen[3]} == {0} and {l for l, _, _ in seen[4]} == {1}
+  # Uniform over the error region: case 2 has 16 FN and 36 FP pixels.
+  labels2 = [l for l, _, _ in seen[2]]
+  assert 0 in labels2 and 1 in labels2
+  assert len(seen[0]) > 25  # 32 FN pixels, 200 draws: most of them hit
+  # Same support and labels as SAM2's own sampler on the same masks.
+  for seed in range(50):
+    tp, tl = _torch_sampler(gt, pred, seed)
+    for i in range(5):
+      x, y = int(tp[i, 0, 0]), int(tp[i, 0, 1])
+      assert (tl[i, 0] == 1) == bool(fn[i, y, x])
+  # pred=None is an empty prediction (the initial click on a conditioning frame).
+  pts, labels = cf.sample_error_clicks(jax.random.key(0), jnp.asarray(gt[4:5]), None)
+  x, y = np.asarray(pts)[0, 0].astype(int)
+  assert int(labels[0, 0]) == 1 and gt[4, y, x]
+
+
+def test_label_frequencies_follow_region_sizes():
+  """16 FN vs 48 FP pixels: P(positive) = 1/4, like SAM2's max-of-uniforms rule."""
+  gt = np.zeros((1, 16, 16), bool)
+  pred = np.zeros((1, 16, 16), bool)
+  gt[0, 0:4, 0:4] = True
+  pred[0, 8:16, 8:14] = True
+  keys = jax.random.split(jax.random.key(7), 2000)
+  labels = jax.vmap(lambda k: cf.sample_error_clicks(k, jnp.asarray(gt),
+                                                     jnp.asarray(pred))[1])(keys)
+  frac = float(np.mean(np.asarray(labels)))
+  assert abs(frac - 0.25) < 0.04, frac
+
+
+def test_box_points_match_sam2():
+  from sam2.modeling.sam2_utils import sample_box_points
+  m = np.zeros((3, 40, 50), bool)
+  m[0, 5:20, 10:30] = True
+  m[1, 0:40, 0:50] = True
+  m[2, 30:31, 48:50] = True
+  want, labels = sample_box_points(torch.from_numpy(m)[:, None], noise=0.0)
+  got = cf.sample_box_points(jax.random.key(0), jnp.asarray(m), noise=0.0)
+  np.testing.assert_array_equal(np.asarray(got), want.numpy())
+  assert labels.tolist() == [[2, 3]] * 3
+  noisy = np.asarray(cf.sample_box_points(jax.random.key(1), jnp.asarray(m)))
+  box = np.asarray(got)
+  side = np.stack([box[:, 1, 0] - box[:, 0, 0], box[:, 1, 1] - box[:, 0, 1]], -1)
+  bound = np.minimum(0.1 * side, 20.0)
+  assert np.all(np.abs(noisy - box) <= np.tile(bound[:, None], (1, 2, 1)) + 1e-6)
+  assert noisy.min() >= 0 and noisy[..., 0].max() <= 49 and noisy[..., 1].max() <= 39
+
+
+# ------------------------------------------------------------------------------ plans
+
+
+def test_sample_plan_rules():
+  b, t = 256, 8
+  p = jax.tree.map(np.asarray, cf.sample_plan(jax.random.key(3), b, t, cf.ClipConfig()))
+  assert p.init_cond[:, 0].all()
+  n_init = p.init_cond.sum(1)
+  assert set(n_init.tolist()) == {1, 2}
+  assert 0.35 < p.use_points.mean() < 0.65
+  # Mask prompts get no clicks; with points, the initial frames are corrected, 1..2 in all.
+  assert not p.correct[~p.use_points].any() and not p.use_box[~p.use_points].any()
+  pts = p.use_points
+  assert (p.correct[pts] >= p.init_cond[pts]).all()
+  n_corr = p.correct[pts].sum(1)
+  assert n_corr.min() >= 1 and n_corr.max() == 2
+  assert (n_corr >= n_init[pts]).all()
+  assert not (p.use_box & ~p.init_cond).any()
+  assert not (p.from_gt & ~p.correct[..., None]).any()
+  frac_gt = p.from_gt[p.correct].mean()
+  assert 0.05 < frac_gt < 0.15
+  # An image (T = 1) is always point-prompted and corrected.
+  q = cf.sample_plan(jax.random.key(0), 64, 1, cf.ClipConfig())
+  assert np.asarray(q.use_points).all() and np.asarray(q.correct).all()
