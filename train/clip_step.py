@@ -12,8 +12,8 @@ Randomness: every step draws its prompts and clicks from `fold_in(key(seed), opt
 so a run is reproducible, resumes where it stopped, and gives the same numbers on any mesh
 (JAX's partitionable threefry).
 
-Batch (B clips of T frames, N objects, S = image size): `images` (B, T, S, S, 3) float32
-normalized, `masks` (B, T, N, S, S) bool, `valid` (B, N) bool (see `qsam2_jax.data.clips`).
+Batch (B clips of T frames, N objects, S = image size): `images` (B, T, S, S, 3) uint8 (or
+float32 already normalized), `masks` (B, T, N, S, S) bool, `valid` (B, N) bool (see `qsam2_jax.data.clips`).
 """
 
 from __future__ import annotations
@@ -76,6 +76,16 @@ def clip_loss(out: cf.ClipOutputs, gt_masks: jax.Array, valid: jax.Array,
   return jnp.sum(totals), terms
 
 
+def frames(batch: Batch) -> jax.Array:
+  """The batch's clips as model input: uint8 frames are normalized on the device (exactly as
+  the predictors do), float frames are taken as already normalized."""
+  images = batch["images"]
+  if images.dtype == jnp.uint8:
+    from qsam2_jax.video_io import normalize_frame
+    return normalize_frame(images)
+  return images
+
+
 def clip_loss_fn(model: nnx.Module, batch: Batch, key: jax.Array, clip_cfg: cf.ClipConfig,
                  loss_cfg: losses.LossConfig = losses.LossConfig()
                  ) -> Tuple[jax.Array, Dict[str, jax.Array]]:
@@ -83,7 +93,7 @@ def clip_loss_fn(model: nnx.Module, batch: Batch, key: jax.Array, clip_cfg: cf.C
   b, t = batch["images"].shape[:2]
   k_plan, k_fwd = jax.random.split(key)
   plan = cf.sample_plan(k_plan, b, t, clip_cfg)
-  out = cf.clip_forward(model, batch["images"], batch["masks"], plan, k_fwd, clip_cfg)
+  out = cf.clip_forward(model, frames(batch), batch["masks"], plan, k_fwd, clip_cfg)
   return clip_loss(out, batch["masks"], batch["valid"], loss_cfg)
 
 
@@ -94,7 +104,7 @@ def clip_ious(model: nnx.Module, batch: Batch) -> Tuple[jax.Array, jax.Array]:
   """
   b, t, n, s = batch["masks"].shape[:4]
   cfg = cf.ClipConfig(correction_clicks=0, only_past_pointers=True)
-  out = cf.clip_forward(model, batch["images"], batch["masks"], cf.mask_prompt_plan(b, t),
+  out = cf.clip_forward(model, frames(batch), batch["masks"], cf.mask_prompt_plan(b, t),
                         jax.random.key(0), cfg)
   pred = losses.upsample_masks(out.pred_masks[1:, :, 0], s)  # (T-1, BN, S, S)
   gt = jnp.moveaxis(batch["masks"], 1, 0)[1:].reshape((t - 1, b * n, s, s))
