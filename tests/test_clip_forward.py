@@ -123,11 +123,11 @@ def test_correction_clicks_land_in_the_error_region():
   gt[4, 10:13, 3:20] = True  # pred empty: a positive click in the GT
   fn, fp = gt & ~pred, ~gt & pred
   seen = {i: set() for i in range(5)}
-  for seed in range(200):
-    pts, labels = cf.sample_error_clicks(jax.random.key(seed), jnp.asarray(gt),
-                                         jnp.asarray(pred))
-    pts, labels = np.asarray(pts)[:, 0], np.asarray(labels)[:, 0]
-    assert pts.dtype == np.float32 and labels.dtype == np.int32
+  sample = jax.jit(jax.vmap(lambda k: cf.sample_error_clicks(k, jnp.asarray(gt),
+                                                             jnp.asarray(pred))))
+  all_pts, all_labels = jax.device_get(sample(jax.random.split(jax.random.key(0), 200)))
+  assert all_pts.dtype == np.float32 and all_labels.dtype == np.int32
+  for pts, labels in zip(all_pts[:, :, 0], all_labels[:, :, 0]):
     for i in range(5):
       x, y = int(pts[i, 0]), int(pts[i, 1])
       assert pts[i, 0] == x and pts[i, 1] == y  # integer pixel indices, (x, y)
@@ -163,8 +163,8 @@ def test_label_frequencies_follow_region_sizes():
   gt[0, 0:4, 0:4] = True
   pred[0, 8:16, 8:14] = True
   keys = jax.random.split(jax.random.key(7), 2000)
-  labels = jax.vmap(lambda k: cf.sample_error_clicks(k, jnp.asarray(gt),
-                                                     jnp.asarray(pred))[1])(keys)
+  labels = jax.jit(jax.vmap(lambda k: cf.sample_error_clicks(k, jnp.asarray(gt),
+                                                             jnp.asarray(pred))[1]))(keys)
   frac = float(np.mean(np.asarray(labels)))
   assert abs(frac - 0.25) < 0.04, frac
 
@@ -192,7 +192,8 @@ def test_box_points_match_sam2():
 
 def test_sample_plan_rules():
   b, t = 256, 8
-  p = jax.tree.map(np.asarray, cf.sample_plan(jax.random.key(3), b, t, cf.ClipConfig()))
+  plan = jax.jit(cf.sample_plan, static_argnums=(1, 2, 3))
+  p = jax.tree.map(np.asarray, plan(jax.random.key(3), b, t, cf.ClipConfig()))
   assert p.init_cond[:, 0].all()
   n_init = p.init_cond.sum(1)
   assert set(n_init.tolist()) == {1, 2}
@@ -209,5 +210,126 @@ def test_sample_plan_rules():
   frac_gt = p.from_gt[p.correct].mean()
   assert 0.05 < frac_gt < 0.15
   # An image (T = 1) is always point-prompted and corrected.
-  q = cf.sample_plan(jax.random.key(0), 64, 1, cf.ClipConfig())
+  q = plan(jax.random.key(0), 64, 1, cf.ClipConfig())
   assert np.asarray(q.use_points).all() and np.asarray(q.correct).all()
+
+
+# ------------------------------------------------------------------------------ SAM2Train
+
+
+def _sam2train(cfg, k):
+  """PyTorch's `SAM2Train` on the randomized reference weights, training mode, dropout off."""
+  import sys
+  import types
+  if "tensordict" not in sys.modules:  # training.utils.data_utils imports it for a decorator
+    try:
+      import tensordict  # noqa: F401
+    except ImportError:
+      stub = types.ModuleType("tensordict")
+      stub.tensorclass = lambda cls: cls
+      sys.modules["tensordict"] = stub
+  from training.model.sam2 import SAM2Train
+  tm = build_torch_sam2(cfg, seed=0)
+  tm.__class__ = SAM2Train
+  tm.num_correction_pt_per_frame = k
+  tm.prob_to_sample_from_gt_for_train = 0.0
+  tm.add_all_frames_to_correct_as_cond = True
+  tm.use_act_ckpt_iterative_pt_sampling = False
+  tm.forward_backbone_per_frame_for_eval = False
+  tm.train()
+  for mod in tm.modules():
+    if isinstance(mod, torch.nn.Dropout):
+      mod.p = 0.0
+    if hasattr(mod, "dropout_p"):
+      mod.dropout_p = 0.0
+  return tm
+
+
+@pytest.mark.slow  # one compile of the clip forward with corrections (~1 min on 2 cores)
+def test_clip_forward_matches_sam2train_with_corrections(monkeypatch, _one_torch_thread):
+  """Points on two initial frames (a click on frame 0, a box on frame 2), correction clicks on
+  both and on frame 3 (not an initial frame: it becomes a conditioning frame), tracking on
+  frame 1 (which attends to the *future* conditioning frame 2, as in training). PyTorch's click
+  sampler is replaced by ours with the same keys, so both sides get the same clicks; every
+  prediction step of every frame must then agree."""
+  t, n, k, size = 4, 2, 2, SIZE
+  cfg = get_config("sam2.1_hiera_t", image_size=size)
+  tm = _sam2train(cfg, k)
+  import training.model.sam2 as ts
+  model = model_from_state_dict({k_: to_numpy(v) for k_, v in tm.state_dict().items()}, cfg)
+  model.sam_mask_decoder.dynamic_multimask_via_stability = False  # training rules
+  from qsam2_jax.data import synthetic
+  from qsam2_jax.video_io import normalize_frame
+  v = synthetic.synth_video(2, 0, t, (size, size))
+  images = np.asarray(normalize_frame(jnp.asarray(v.frames)))  # (T, S, S, 3)
+  gt = np.stack([v.labels == j + 1 for j in range(n)], axis=1)  # (T, N, S, S)
+  plan = cf.ClipPlan(
+      use_points=jnp.array([True]), init_cond=jnp.array([[True, False, True, False]]),
+      use_box=jnp.array([[False, False, True, False]]),
+      correct=jnp.array([[True, False, True, True]]), from_gt=jnp.zeros((1, t, k), bool))
+  order = [0, 2, 1, 3]
+  key = jax.random.key(11)
+  keys = [jax.random.split(jax.random.fold_in(key, s), 3) for s in range(t)]
+
+  state = {"s": 0, "k": 0}
+
+  def next_point(gt_masks, pred_masks, method):
+    assert method == "uniform"
+    kk = jax.random.fold_in(keys[state["s"]][2], state["k"])
+    state["k"] += 1
+    pred = None if pred_masks is None else jnp.asarray(pred_masks[:, 0].numpy())
+    pts, labels = cf.sample_error_clicks(kk, jnp.asarray(gt_masks[:, 0].numpy()), pred)
+    return torch.from_numpy(np.array(pts)), torch.from_numpy(np.array(labels))
+
+  monkeypatch.setattr(ts, "get_next_point", next_point)
+  track = tm.track_step
+
+  def track_step(**kw):
+    state["s"], state["k"] = order.index(kw["frame_idx"]), 0
+    return track(**kw)
+
+  tm.track_step = track_step
+  g = jnp.asarray(gt)
+  c0, l0 = cf.sample_error_clicks(keys[0][1], g[0], None)
+  box = cf.sample_box_points(keys[1][0], g[2])
+  gt_t = torch.from_numpy(gt)
+  backbone = {
+      "gt_masks_per_frame": {f: gt_t[f][:, None] for f in range(t)}, "num_frames": t,
+      "use_pt_input": True, "init_cond_frames": [0, 2], "frames_not_in_init_cond": [1, 3],
+      "mask_inputs_per_frame": {},
+      "point_inputs_per_frame": {
+          0: {"point_coords": torch.from_numpy(np.array(c0)),
+              "point_labels": torch.from_numpy(np.array(l0))},
+          2: {"point_coords": torch.from_numpy(np.array(box)),
+              "point_labels": torch.tensor([[2, 3]] * n, dtype=torch.int32)}},
+      "frames_to_add_correction_pt": [0, 2, 3]}
+  img_t = torch.from_numpy(images.transpose(0, 3, 1, 2).copy())
+  inputs = type("Input", (), {})()  # forward_tracking reads only this field
+  inputs.flat_obj_to_img_idx = [torch.full((n,), f, dtype=torch.long) for f in range(t)]
+  with torch.no_grad():
+    backbone.update(tm.forward_image(img_t))
+    want = tm.forward_tracking(backbone, inputs)
+
+  ccfg = cf.ClipConfig(correction_clicks=k)
+  gd, st = nnx.split(model)
+  out = jax.jit(lambda s_, im, g_: cf.clip_forward(nnx.merge(gd, s_), im, g_, plan, key, ccfg))(
+      st, jnp.asarray(images)[None], g[None])
+  out = jax.device_get(out)
+  corrected = {0: True, 1: False, 2: True, 3: True}
+  for f in range(t):
+    w = want[f]
+    steps = len(w["multistep_pred_multimasks"])
+    assert steps == (1 + k if corrected[f] else 1)
+    assert out.step_valid[f, :, :steps].all() and not out.step_valid[f, :, steps:].any()
+    for j in range(steps):
+      wm = to_numpy(w["multistep_pred_multimasks"][j])
+      m = wm.shape[1]
+      gm = out.step_masks[f, :, j, :m]
+      assert rel_err(gm, wm) <= LOGIT_TOL, (f, j, rel_err(gm, wm))
+      assert rel_err(out.step_ious[f, :, j, :m], to_numpy(w["multistep_pred_ious"][j])) <= 1e-3
+      assert rel_err(out.step_obj[f, :, j],
+                     to_numpy(w["multistep_object_score_logits"][j])) <= 1e-3
+    assert rel_err(out.pred_masks[f], to_numpy(w["pred_masks"])) <= LOGIT_TOL, f
+    # The clicks really were corrections: the prediction changed between steps.
+    if corrected[f]:
+      assert not np.allclose(out.step_masks[f, :, 0], out.step_masks[f, :, k])
