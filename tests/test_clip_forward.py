@@ -333,3 +333,37 @@ def test_clip_forward_matches_sam2train_with_corrections(monkeypatch, _one_torch
     # The clicks really were corrections: the prediction changed between steps.
     if corrected[f]:
       assert not np.allclose(out.step_masks[f, :, 0], out.step_masks[f, :, k])
+
+
+def test_masked_prompt_slots_equal_unpadded_prompts():
+  """`predict_masks(prompt_valid=...)`: extra prompt slots marked invalid leave every output
+  as without them (and unmasked, the same slots do change the outputs)."""
+  from qat_testlib import tiny_config
+  from qsam2_jax.model.sam2 import build_sam2
+  model = build_sam2(tiny_config(64), seed=2)
+  pe, dec = model.sam_prompt_encoder, model.sam_mask_decoder
+  rng = np.random.default_rng(0)
+  feat = jnp.asarray(rng.normal(size=(2, 4, 4, 256)).astype(np.float32))
+  hr = [jnp.asarray(rng.normal(size=(2, 16, 16, 32)).astype(np.float32)),
+        jnp.asarray(rng.normal(size=(2, 8, 8, 64)).astype(np.float32))]
+  coords = jnp.asarray(rng.uniform(0, 64, (2, 4, 2)).astype(np.float32))
+  labels = jnp.array([[1, 0, 1, 3], [2, 3, 0, 1]], jnp.int32)
+  valid = jnp.array([[True, False, True, False], [True, True, False, False]])
+
+  @jax.jit
+  def run(c, l, v=None):
+    sparse, dense = pe(points=(c, l), boxes=None, masks=None)
+    if v is not None:
+      v = jnp.concatenate([v, jnp.ones((2, 1), bool)], axis=1)  # the encoder's own pad token
+    return dec.predict_masks(feat, pe.get_dense_pe(), sparse, dense, repeat_image=False,
+                             high_res_features=hr, prompt_valid=v)
+
+  masked = run(coords, labels, valid)
+  unmasked = run(coords, labels)
+  for row, keep in enumerate(([0, 2], [0, 1])):
+    want = run(coords[row:row + 1, keep].repeat(2, 0), labels[row:row + 1, keep].repeat(2, 0))
+    for got, ref, other in zip(masked, want, unmasked):
+      np.testing.assert_allclose(np.asarray(got[row]), np.asarray(ref[row]), rtol=1e-5,
+                                 atol=1e-5)
+      assert not np.allclose(np.asarray(other[row]), np.asarray(ref[row]), rtol=1e-3,
+                             atol=1e-3)

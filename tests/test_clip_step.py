@@ -104,6 +104,10 @@ _RUNS: dict = {}
 def _run(spec: str):
   if spec not in _RUNS:
     model = build_sam2(tiny_config(SIZE), seed=1)
+    rng = np.random.default_rng(1)
+    for path, var in nnx.iter_graph(model):  # non-zero biases, as in a trained checkpoint (so
+      if isinstance(var, nnx.Param) and path[-1] == "bias":  # parameters are compared on their
+        var[...] = jnp.asarray(rng.normal(0.0, 0.02, var.shape), jnp.float32)  # own scale)
     steplib.prepare_for_training(model)
     opt = steplib.make_optimizer(model, lr=1e-6, clip_lr=1e-2, weight_decay=0.01, steps=10,
                                  warmup=0, grad_clip=1.0)
