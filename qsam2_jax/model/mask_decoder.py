@@ -98,8 +98,13 @@ class MaskDecoder(nnx.Module):
                     sparse_prompt_embeddings: jax.Array, dense_prompt_embeddings: jax.Array,
                     repeat_image: bool,
                     high_res_features: Optional[Sequence[jax.Array]] = None,
+                    prompt_valid: Optional[jax.Array] = None,
                     ) -> Tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
-    """All mask-token outputs: (masks (B,4,4h,4w), iou (B,4), tokens (B,4,C), obj (B,1))."""
+    """All mask-token outputs: (masks (B,4,4h,4w), iou (B,4), tokens (B,4,C), obj (B,1)).
+
+    `prompt_valid` (B, N) bool marks padding prompt slots (False) that the transformer must
+    ignore, so the outputs equal those of the unpadded prompts.
+    """
     token_list = [self.iou_token(), self.mask_tokens()]
     s = 0
     if self.pred_obj_scores:
@@ -123,7 +128,11 @@ class MaskDecoder(nnx.Module):
       raise ValueError(f"image_pe must have batch 1 (get_dense_pe()), got {image_pe.shape}")
     _, h, w, c = src.shape
 
-    hs, src = self.transformer(src, image_pe, tokens)
+    token_valid = None
+    if prompt_valid is not None:
+      token_valid = jnp.concatenate(
+          [jnp.ones((b, output_tokens.shape[1]), bool), prompt_valid.astype(bool)], axis=1)
+    hs, src = self.transformer(src, image_pe, tokens, token_valid)
     iou_token_out = hs[:, s]
     mask_tokens_out = hs[:, s + 1:s + 1 + self.num_mask_tokens]
 

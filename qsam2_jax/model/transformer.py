@@ -40,11 +40,16 @@ class Attention(nnx.Module):
     """(B, N, C) -> (B, N, heads, C / heads), head-major channels like torch."""
     return x.reshape(*x.shape[:-1], self.num_heads, x.shape[-1] // self.num_heads)
 
-  def __call__(self, q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
+  def __call__(self, q: jax.Array, k: jax.Array, v: jax.Array,
+               key_valid: Optional[jax.Array] = None) -> jax.Array:
+    """`key_valid` (B, N_k) bool: False keys get zero weight (padding prompt slots)."""
     q = self.separate_heads(self.q_proj(q))
     k = self.separate_heads(self.k_proj(k))
     v = self.separate_heads(self.v_proj(v))
-    out = layers.attention(q, k, v)
+    if key_valid is None:
+      out = layers.attention(q, k, v)
+    else:
+      out = jax.nn.dot_product_attention(q, k, v, mask=key_valid.astype(bool)[:, None, None, :])
     return self.out_proj(out.reshape(*out.shape[:-2], self.internal_dim))
 
 
@@ -68,13 +73,14 @@ class TwoWayAttentionBlock(nnx.Module):
     self.skip_first_layer_pe = skip_first_layer_pe
 
   def __call__(self, queries: jax.Array, keys: jax.Array, query_pe: jax.Array,
-               key_pe: jax.Array) -> Tuple[jax.Array, jax.Array]:
+               key_pe: jax.Array, token_valid: Optional[jax.Array] = None
+               ) -> Tuple[jax.Array, jax.Array]:
     if self.skip_first_layer_pe:
       # First layer: the queries *are* the prompt PE, so no PE and no residual.
-      queries = self.self_attn(queries, queries, queries)
+      queries = self.self_attn(queries, queries, queries, key_valid=token_valid)
     else:
       q = queries + query_pe
-      queries = queries + self.self_attn(q, q, queries)
+      queries = queries + self.self_attn(q, q, queries, key_valid=token_valid)
     queries = self.norm1(queries)
 
     q = queries + query_pe
@@ -85,7 +91,7 @@ class TwoWayAttentionBlock(nnx.Module):
 
     q = queries + query_pe
     k = keys + key_pe
-    keys = self.norm4(keys + self.cross_attn_image_to_token(k, q, queries))
+    keys = self.norm4(keys + self.cross_attn_image_to_token(k, q, queries, key_valid=token_valid))
     return queries, keys
 
 
@@ -104,13 +110,18 @@ class TwoWayTransformer(nnx.Module):
     self.norm_final_attn = layers.LayerNorm(embedding_dim, eps=LN_EPS)
 
   def __call__(self, image_embedding: jax.Array, image_pe: jax.Array,
-               point_embedding: jax.Array) -> Tuple[jax.Array, jax.Array]:
+               point_embedding: jax.Array, token_valid: Optional[jax.Array] = None
+               ) -> Tuple[jax.Array, jax.Array]:
     """Runs the transformer.
 
     Args:
       image_embedding: (B, h, w, C).
       image_pe: (B or 1, h, w, C), broadcast over the batch.
       point_embedding: (B, N, C) tokens; also their own PE.
+      token_valid: optional (B, N) bool. Tokens marked False are never attended to, so the
+        other outputs equal those of the sequence without them (tokens only influence one
+        another as keys); their own outputs are meaningless. Lets a fixed number of prompt
+        slots stand for a varying number of prompts.
 
     Returns:
       (queries (B, N, C), keys (B, h*w, C)).
@@ -120,7 +131,7 @@ class TwoWayTransformer(nnx.Module):
     key_pe = image_pe.reshape(image_pe.shape[0], h * w, c)
     queries = point_embedding
     for layer in self.layers:
-      queries, keys = layer(queries, keys, point_embedding, key_pe)
+      queries, keys = layer(queries, keys, point_embedding, key_pe, token_valid)
     q = queries + point_embedding
     k = keys + key_pe
     queries = self.norm_final_attn(queries + self.final_attn_token_to_image(q, k, keys))
