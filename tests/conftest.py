@@ -17,7 +17,7 @@ jax.config.update("jax_default_matmul_precision", "highest")
 # default checkpoint, which `sam2` builds). Every other module is marked `torch`. Without torch /
 # sam2 (the compatibility job: newest jax on Python 3.12) those modules are not collected, and the
 # header says so: `pytest -m "not torch"` runs the same selection where torch is installed.
-TORCH_FREE = ("test_checkpoint.py", "test_data_pipeline.py", "test_metrics.py",
+TORCH_FREE = ("test_checkpoint.py", "test_clips_data.py", "test_data_pipeline.py", "test_metrics.py",
               "test_quant_core.py", "test_quant_model.py", "test_quant_packing.py",
               "test_quant_vrc.py", "test_synthetic.py")
 try:

@@ -42,8 +42,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from qsam2_jax.data.prompts import BOX_BR_LABEL, BOX_TL_LABEL, PAD_LABEL
 from qsam2_jax.model import tracking
-from qsam2_jax.data.prompts import BOX_BR_LABEL, BOX_TL_LABEL, NEG_LABEL, PAD_LABEL
 
 INITIAL_SLOTS = 2  # a box (two corners) or one click (+ one unused slot)
 

@@ -13,7 +13,8 @@ so a run is reproducible, resumes where it stopped, and gives the same numbers o
 (JAX's partitionable threefry).
 
 Batch (B clips of T frames, N objects, S = image size): `images` (B, T, S, S, 3) uint8 (or
-float32 already normalized), `masks` (B, T, N, S, S) bool, `valid` (B, N) bool (see `qsam2_jax.data.clips`).
+float32 already normalized), `masks` (B, T, N, S, S) bool, `valid` (B, N) bool
+(see `qsam2_jax.data.clips`).
 """
 
 from __future__ import annotations

@@ -382,6 +382,7 @@ def make_dataset(source: Sequence[Video], global_batch_size: int, cfg: ClipDataC
   (`get_state` / `set_state`, or `pipeline.save_args`) is one position.
   """
   import grain
+
   from qsam2_jax.data.pipeline import shard_info
   index, count = shard_info(shard_index, shard_count)
   if global_batch_size < 1 or global_batch_size % count:
