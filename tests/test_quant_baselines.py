@@ -13,6 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
+from qat_testlib import data_dir  # noqa: F401 - fixture
 
 from qsam2_jax.errors import UserError
 from qsam2_jax.quant.penalty import pact_l2_penalty
@@ -285,3 +286,51 @@ def test_checkpoint_with_non_default_options_restores_identical_layers(method, t
   assert [p for p, _ in fa[0]] == [p for p, _ in fb[0]]
   for (p, x), (_, y) in zip(fa[0], fb[0]):
     np.testing.assert_array_equal(np.asarray(x), np.asarray(y), err_msg=str(p))
+
+
+@pytest.mark.slow  # two compiles of the reduced model's loss gradient (~1 min on CPU)
+def test_trainer_loss_includes_the_pact_penalty(data_dir):  # noqa: F811
+  """train.step.loss_fn of two PACT models that differ only in lambda: the totals differ by
+  lambda sum alpha^2 and every clip's gradient by 2 lambda alpha; the task terms are equal."""
+  from qat_testlib import batches, tiny_config
+
+  from qsam2_jax.model.sam2 import build_sam2
+  from train import losses
+  from train import step as steplib
+
+  batch = {k: jnp.asarray(v) for k, v in batches(data_dir, 1, batch_size=2)[0].items()}
+  lam = 0.02
+  out = {}
+  for value in (lam, 0.0):
+    model, _ = QuantRecipe(bits=4, method="pact", preset="encoder", pact_l2=value).apply(
+        build_sam2(tiny_config(), seed=0))
+    steplib.prepare_for_training(model)
+
+    @nnx.jit
+    def value_and_grad(m):
+      f = nnx.value_and_grad(lambda m: steplib.loss_fn(m, batch, losses.LossConfig()),
+                             argnums=nnx.DiffState(0, ClipFactor), has_aux=True)
+      return f(m)
+
+    (total, terms), grads = value_and_grad(model)
+    alphas = {p: np.asarray(v[...], np.float64) for p, v in _quantizer_vars(model).items()
+              if p[-1] == "alpha"}
+    out[value] = (float(total), jax.device_get(terms), jax.device_get(grads), alphas)
+  (t1, terms1, g1, alphas), (t0, terms0, g0, _) = out[lam], out[0.0]
+  assert len(alphas) > 10
+  penalty = lam * sum(np.sum(a ** 2) for a in alphas.values())
+  np.testing.assert_allclose(float(terms1["pact_l2"]), penalty, rtol=1e-5)
+  assert float(terms0["pact_l2"]) == 0.0
+  for k in terms0:
+    if k != "pact_l2":
+      np.testing.assert_array_equal(terms1[k], terms0[k])
+  np.testing.assert_allclose(t1 - t0, penalty, rtol=1e-3)
+  for p, a in alphas.items():
+    d = np.asarray(_get(g1, p)[...], np.float64) - np.asarray(_get(g0, p)[...], np.float64)
+    np.testing.assert_allclose(d, 2 * lam * a, rtol=1e-3, atol=1e-6, err_msg=str(p))
+
+
+def _get(tree, path):
+  for k in path:
+    tree = tree[k]
+  return tree
