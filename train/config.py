@@ -16,12 +16,20 @@ from typing import Any, Dict, Optional, Union
 
 from qsam2_jax.cli import DTYPE_SPELLINGS, DTYPES
 from qsam2_jax.errors import UserError
-from qsam2_jax.quant.recipe import ACT_BITS, METHOD_ALIASES, PRESETS, TRAIN_METHODS
+from qsam2_jax.quant.recipe import (
+  ACT_BITS,
+  METHOD_ALIASES,
+  OPTION_FLAGS,
+  PRESETS,
+  TRAIN_METHODS,
+  QuantRecipe,
+)
 from qsam2_jax.quant.recipe import TARGET_BITS as BITS
 
 METHODS = tuple(TRAIN_METHODS) + tuple(METHOD_ALIASES)   # `--method` choices, aliases included
 # `--method` -> `QuantRecipe.method`.
 RECIPE_METHOD = {name: q for name, (q, _) in TRAIN_METHODS.items() if q is not None}
+_RECIPE = QuantRecipe()  # the defaults of the quantizer options
 
 
 @dataclasses.dataclass(frozen=True)
@@ -38,6 +46,18 @@ class TrainConfig:
   val_data: Optional[str] = None  # None: held out from `data` (synthetic: a second set)
   image_size: Optional[int] = None  # None: the checkpoint's
   dtype: str = "bfloat16"  # compute dtype; parameters and optimizer state stay float32
+  # Quantizer options: `QuantRecipe` fields of the same names (recipe.OPTION_FLAGS).
+  high_act_bits: Optional[int] = None
+  weight_granularity: str = _RECIPE.weight_granularity
+  act_granularity: str = _RECIPE.act_granularity
+  act_range: Optional[str] = None
+  restricted: bool = _RECIPE.restricted
+  ema_momentum: float = _RECIPE.ema_momentum
+  factor_momentum: Optional[float] = None
+  grad_scale: bool = _RECIPE.grad_scale
+  search_points: int = _RECIPE.search_points
+  lsq_init: str = _RECIPE.lsq_init
+  pact_l2: float = _RECIPE.pact_l2
   # VRC (method qsam2) and range calibration.
   vrc_lambda: Union[float, str] = 3e-3  # a number, "auto" or "off"
   vrc_lambda_mode: str = "relative"
@@ -127,6 +147,7 @@ class TrainConfig:
                       f"{self.image_size}")
     if self.method == "fp" and self.distill > 0:
       raise UserError("--distill needs a quantized student (the teacher is the FP model)")
+    self.recipe()  # checks the quantizer options (one error naming the flag)
 
   # ------------------------------------------------------------------ derived values
 
@@ -155,9 +176,8 @@ class TrainConfig:
     """The `QuantRecipe` of this run (None for `fp`)."""
     if not self.quantized:
       return None
-    from qsam2_jax.quant.recipe import QuantRecipe
     return QuantRecipe(bits=self.bits, act_bits=self.act_bits, method=RECIPE_METHOD[self.method],
-                       preset=self.preset, high_bits=self.high_bits)
+                       preset=self.preset, **{k: getattr(self, k) for k in OPTION_FLAGS})
 
   def to_dict(self) -> Dict[str, Any]:
     return dataclasses.asdict(self)

@@ -32,11 +32,12 @@ from qsam2_jax.cli import ArgumentParser
 from qsam2_jax.errors import UserError, report_user_errors
 from qsam2_jax.files import write_json
 from train.calibrate import add_common_args, check_paths, load_float_model, load_images
+from train.quant_flags import add_quant_option_args, given_options
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
   from qsam2_jax.quant.calibration import PTQ_METHODS
-  from qsam2_jax.quant.recipe import BITS, PRESETS
+  from qsam2_jax.quant.recipe import BITS, PRESETS, PTQ_OPTIONS
 
   p = ArgumentParser(prog="python -m train.ptq", description=__doc__,
                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -49,8 +50,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                  help="range method, optionally after VRC (default vrc+mse)")
   p.add_argument("--preset", choices=PRESETS, default="paper",
                  help="which layers: paper (whole model) or encoder (image encoder linears)")
-  p.add_argument("--high-bits", type=int, default=8,
-                 help="bits of the paper preset's first/last layers (default 8)")
+  add_quant_option_args(p, PTQ_OPTIONS)   # --high-bits, --restricted, --act-range, ...
   return p.parse_args(argv)
 
 
@@ -78,14 +78,12 @@ def run(args: argparse.Namespace) -> PTQResult:
     split_method,
     write_vrc_report,
   )
-  from qsam2_jax.quant.recipe import BITS, QuantRecipe
+  from qsam2_jax.quant.recipe import QuantRecipe
   from qsam2_jax.quant.vrc import DEFAULT_LAM0
 
   use_vrc, base = split_method(args.method)
   recipe = QuantRecipe(bits=args.bits, act_bits=args.act_bits, method=base, preset=args.preset,
-                       high_bits=args.high_bits)
-  if args.high_bits not in BITS:
-    raise UserError(f"--high-bits must be one of {BITS}, got {args.high_bits}")
+                       **given_options(vars(args)))
   if not use_vrc and args.lam is not None:
     raise UserError(f"--vrc-lambda / --lambda applies to the vrc+ methods, not {args.method}")
   if use_vrc and recipe.bits == 16:

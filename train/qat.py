@@ -42,6 +42,7 @@ from qsam2_jax.cli import (
 )
 from qsam2_jax.errors import UserError, report_user_errors
 from train.config import ACT_BITS, BITS, METHODS, PRESETS, TrainConfig
+from train.quant_flags import add_quant_option_args
 
 # Flags that may differ when resuming; the others must match the run being resumed.
 RESUMABLE = ("steps", "save_every", "eval_every", "keep", "log_every", "mesh", "distributed",
@@ -76,6 +77,7 @@ def build_parser() -> argparse.ArgumentParser:
                  "(default qsam2)")
   g.add_argument("--preset", choices=PRESETS, help="paper: whole model (first/last layers at 8 "
                  "bits); encoder: only the image encoder's linears (default paper)")
+  add_quant_option_args(g)  # --high-bits, --lsq-init, --pact-l2, ... (train/quant_flags.py)
   g.add_argument("--vrc-lambda", type=vrc_lambda_or_off,
                  help="VRC lambda_0: a number, 'auto' (per layer) "
                  "or 'off' (no VRC) (default 3e-3)")

@@ -39,6 +39,7 @@ from jax.sharding import Mesh
 
 from qsam2_jax import parallel
 from qsam2_jax.data import prompts
+from qsam2_jax.quant.penalty import pact_l2_penalty
 from qsam2_jax.quant.quantizers import ClipFactor
 from train import losses
 
@@ -109,7 +110,9 @@ def loss_fn(model: nnx.Module, batch: Batch, loss_cfg: losses.LossConfig,
       if key != "num_objects":
         terms[key] = terms.get(key, 0.0) + v
   terms["num_objects"] = num
-  return total, terms
+  # PACT's L2 penalty on its clips, a term of the loss (zero without PACT quantizers).
+  terms["pact_l2"] = pact_l2_penalty(model)
+  return total + terms["pact_l2"], terms
 
 
 def mask_ious(model: nnx.Module, batch: Batch) -> Tuple[jax.Array, jax.Array]:

@@ -24,6 +24,7 @@ from qsam2_jax.quant.core import (
     ste_round,
 )
 from qsam2_jax.quant.packing import pack, packed_size, unpack
+from qsam2_jax.quant.penalty import pact_l2_penalty
 from qsam2_jax.quant.qlayers import (
     QConv,
     QConvTranspose2x2,
@@ -74,6 +75,7 @@ from qsam2_jax.quant.vrc import (
 __all__ = [
     "GAUSSIAN_CLIP", "PASSTHROUGH_BITS", "dequantize", "fake_quant", "mse_quantize_symmetric",
     "num_steps", "quantize", "scale_grad", "ste_round", "pack", "packed_size", "unpack",
+    "pact_l2_penalty",
     "QConv", "QConvTranspose2x2", "QLinear", "QuantizedWeight", "calibrate", "optimizer_labels",
     "set_mode",
     "ClipFactor", "LSCQuantizer", "LSQQuantizer", "PACTQuantizer", "Quantizer", "QuantSpec",

@@ -409,7 +409,8 @@ def calibrate_ranges(model: nnx.Module, images: np.ndarray, *, batch_size: int =
   """`quant.calibrate` over `model_outputs` (images + `make_prompts`), then evaluation mode.
 
   Statistics / ranges become the mean over the batches and learnable factors their
-  MSE-optimal values. The compiled step is shared across calls (module-level jit).
+  data-dependent init (MSE-optimal; LSQ: `lsq_init`). The compiled step is shared across
+  calls (module-level jit).
   """
   set_mode(model, "calibrate")
   commit_state(model)

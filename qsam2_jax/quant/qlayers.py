@@ -187,8 +187,9 @@ def set_mode(model: nnx.Module, mode: str) -> nnx.Module:
   """Switches every quantizer of `model` to `train`, `eval` or `calibrate` (in place).
 
   train: EMA statistics (and factor EMAs) update; eval: frozen; calibrate: statistics average
-  over the batches seen and learnable factors are set to their MSE-optimal values (run it on
-  a fresh quantized model, before building the optimizer). Each mode compiles once.
+  over the batches seen and learnable factors are set to their data-dependent init, the
+  MSE-optimal value or LSQ's formula (run it on a fresh quantized model, before building the
+  optimizer). Each mode compiles once.
   """
   if mode not in MODES:
     raise ValueError(f"mode must be one of {MODES}, got {mode!r}")

@@ -10,10 +10,15 @@ one function that fixes the bound convention (see `core`'s docstring). Methods:
   Symmetric [-a sd, a sd]; asymmetric [mu - a_lo sd, mu + a_hi sd]; unsigned [0, mu + a sd].
   Factors get the LSQ gradient scale; optionally an EMA of the factors is used at evaluation.
 - `lsq` (LSQ / LSQ+): a learned step s (and a learned offset for asymmetric ranges); the
-  symmetric grid is LSQ's own, codes -Q_N .. Q_P times s.
+  symmetric grid is LSQ's own, codes -Q_N .. Q_P times s. Initial step (`spec.lsq_init`):
+  `paper` (default) LSQ's s0 = 2 mean|x| / sqrt(Q_P) (Esser et al. 2020) on the weights, and
+  for activations on each calibration batch (averaged over the batches); the LSQ+ offset starts
+  at max(min x, -(n/2) s0), the zero-centred range moved up to the data's minimum. `mse`: the
+  MSE-optimal range of the tensor (LSQ+'s own init, an option).
 - `pact`: a learned clip alpha, range [0, alpha] (unsigned) or [-alpha, alpha]; its gradient is
-  PACT's 1[x >= alpha] (the step uses stop_gradient(alpha)). No gradient scale; PACT's L2
-  penalty on alpha is the optimizer's weight decay on `ClipFactor`s.
+  PACT's 1[x >= alpha] (the step uses stop_gradient(alpha)). No gradient scale. PACT's L2
+  penalty lambda alpha^2 (`spec.pact_l2`) is a loss term: `quant.penalty.pact_l2_penalty`,
+  added to the training loss (the optimizer applies no weight decay to `ClipFactor`s).
 - `minmax` / `mse`: no learnable parameter. Range = min/max (zero included, as PyTorch's
   observers) or its MSE-optimal shrink; recomputed from the weights at every call, EMA'd for
   activations like LSC.
@@ -26,12 +31,13 @@ Modes (static attributes, one compile each): `use_running_average=False` (traini
 the EMAs; the default, as `nnx.BatchNorm`), `True` (evaluation: frozen; a quantizer that never
 saw a batch falls back to the current batch's statistics), and `calibrating=True` (data-
 dependent init before QAT: statistics become the mean over the calibration batches and every
-factor the mean of the per-batch MSE-optimal values). `nnx.Module.train()/eval()` toggle
-`use_running_average`; `qsam2_jax.quant.set_mode` sets all three modes.
+factor the mean of its per-batch init, the MSE-optimal value or LSQ's formula).
+`nnx.Module.train()/eval()` toggle `use_running_average`; `qsam2_jax.quant.set_mode` sets all
+three modes.
 
 Without calibration, LSC factors start at the Gaussian-optimal clip (`GAUSSIAN_CLIP`), LSQ
-steps at 2/sqrt(Q_P) and PACT clips at 10 (both for unit-scale inputs); weight factors are
-always initialized by an MSE search on the weights given at construction.
+steps at 2/sqrt(Q_P) (LSQ's formula for mean|x| = 1) and PACT clips at 10 (PACT's init); weight
+factors are initialized on the weights given at construction (MSE search; LSQ: `lsq_init`).
 
 LSQ gradient scale: g = 1 / sqrt(N * Q_P) with N the number of elements sharing one factor
 (weights), per example for activations (N = features / groups), and Q_P = 2^(b-1) - 1 for
@@ -51,6 +57,7 @@ from flax import nnx
 from qsam2_jax.quant import core as fq
 
 METHODS = ("lsc", "lsq", "pact", "minmax", "mse")
+LSQ_INITS = ("paper", "mse")   # LSQ's step init: 2 mean|x| / sqrt(Q_P), or the MSE range
 GRANULARITIES = ("per_tensor", "per_channel", "per_token")
 # Learnable factors are floored here so that a range can never flip or collapse.
 MIN_FACTOR = 1e-4
@@ -83,6 +90,9 @@ class QuantSpec:
       used in evaluation mode.
     grad_scale: LSQ gradient scale on LSC / LSQ factors.
     search_points: candidates of the MSE range search (`core.clip_grid`).
+    lsq_init: `paper` or `mse`, the initial LSQ step (module docstring); LSQ only.
+    pact_l2: lambda of PACT's L2 penalty lambda alpha^2 on the clip (a loss term, summed by
+      `quant.penalty.pact_l2_penalty`); PACT only.
   """
   bits: int
   method: str = "lsc"
@@ -94,9 +104,23 @@ class QuantSpec:
   factor_momentum: Optional[float] = None
   grad_scale: bool = True
   search_points: int = 64
+  lsq_init: str = "paper"
+  pact_l2: float = 0.0
 
   def __post_init__(self):
     fq.check_bits(self.bits)
+    if self.lsq_init not in LSQ_INITS:
+      raise ValueError(f"lsq_init must be one of {LSQ_INITS}, got {self.lsq_init!r}")
+    if not (math.isfinite(self.pact_l2) and self.pact_l2 >= 0):
+      raise ValueError(f"pact_l2 must be a non-negative number, got {self.pact_l2}")
+    if self.pact_l2 and self.method != "pact":
+      raise ValueError(f"pact_l2 is PACT's penalty on its clip; method is {self.method!r}")
+    if not 0 <= self.momentum < 1:
+      raise ValueError(f"momentum must be in [0, 1), got {self.momentum}")
+    if self.factor_momentum is not None and not 0 < self.factor_momentum < 1:
+      raise ValueError(f"factor_momentum must be in (0, 1) or None, got {self.factor_momentum}")
+    if self.search_points < 2:
+      raise ValueError(f"search_points must be at least 2, got {self.search_points}")
     if self.method not in METHODS:
       raise ValueError(f"method must be one of {METHODS}, got {self.method!r}")
     if self.granularity not in GRANULARITIES:
@@ -263,7 +287,7 @@ class Quantizer(nnx.Module):
       _jit_init_weight(self, jnp.asarray(weight, jnp.float32))
 
   def _init_weight(self, w: jax.Array) -> None:
-    """Sets the learnable factors to their MSE-optimal values for the kernel w."""
+    """Sets the learnable factors from the kernel w (the calibration init, on w)."""
     self._calibrate(w)
 
   def _update_factor_emas(self) -> None:
@@ -384,6 +408,22 @@ class LSQQuantizer(Quantizer):
     return self.spec.n - self.spec.qp   # symmetric: codes -Q_N .. Q_P
 
   def _calibrate(self, x):
+    if self.spec.lsq_init == "paper":
+      self._paper_init(x)
+    else:
+      self._mse_init(x)
+
+  def _paper_init(self, x):
+    """LSQ: s0 = 2 mean|x| / sqrt(Q_P) per group; LSQ+ offset max(min x, -(n/2) s0)."""
+    axes = self._axes(x)
+    mean_abs = jnp.mean(jnp.abs(jax.lax.stop_gradient(x)), axis=axes, keepdims=True)
+    step = jnp.maximum(2.0 * mean_abs / math.sqrt(self.spec.qp), fq.MIN_STEP)
+    self._set_factor("step", step)
+    if self.spec.kind == "asymmetric":
+      xmin, _ = fq.min_max(x, axes)
+      self._set_factor("offset", jnp.maximum(xmin, -self.spec.n / 2 * step))
+
+  def _mse_init(self, x):
     if self.spec.kind == "symmetric":
       # Search in LSQ's own grid: lo = -Q_N s, hi = Q_P s, s = t * max|x| / Q_P.
       axes = self._axes(x)
@@ -506,8 +546,9 @@ def make_quantizer(spec: Optional[QuantSpec], *, weight: Optional[jax.Array] = N
                    ) -> Optional[Quantizer]:
   """The quantizer for `spec`, or None for float tensors (spec None or 16 bits).
 
-  Pass `weight` (the current kernel) for a weight quantizer: its factors are initialized by
-  an MSE search on it. Activation quantizers need `num_channels` when per-channel.
+  Pass `weight` (the current kernel) for a weight quantizer: its factors are initialized on
+  it (an MSE search; LSQ: `spec.lsq_init`). Activation quantizers need `num_channels` when
+  per-channel.
   """
   if spec is None or spec.passthrough:
     return None

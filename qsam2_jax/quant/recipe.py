@@ -1,18 +1,21 @@
-"""A quantization recipe: the few choices that rebuild a quantized model's structure.
+"""A quantization recipe: the choices that rebuild a quantized model's structure.
 
 Stored in every checkpoint's metadata, so a quantized checkpoint restores into the same layers
-(quantizers, clip factors, statistics) without the command line that made it.
+(quantizers, their `QuantSpec`s, clip factors, statistics) without the command line that made
+it. Every `QuantSpec` option is a recipe field and a flag of `train.qat` (`OPTION_FLAGS`).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any, Dict, Optional, Tuple
 
 from flax import nnx
 
 from qsam2_jax.errors import UserError
-from qsam2_jax.quant.rules import QuantReport, preset_rules, quantize_model
+from qsam2_jax.quant.quantizers import GRANULARITIES, LSQ_INITS
+from qsam2_jax.quant.rules import ACT_RANGES, QuantReport, preset_rules, quantize_model
 
 # The vocabulary every command shares (flags, metadata, report labels), defined once here.
 METHODS = ("lsc", "lsq", "pact", "minmax", "mse")  # quantizer families a recipe can use
@@ -26,6 +29,23 @@ TRAIN_METHODS = {"qsam2": ("lsc", True), "lsc": ("lsc", False), "lsq": ("lsq", F
                  "pact": ("pact", False), "minmax": ("minmax", False), "fp": (None, False)}
 # Other spellings accepted for the same methods.
 METHOD_ALIASES = {"vrc+lsc": "qsam2", "float": "fp"}
+WEIGHT_GRANULARITIES = ("per_channel", "per_tensor")
+ACT_GRANULARITIES = GRANULARITIES                    # per_tensor, per_channel, per_token
+ACT_RANGE_KINDS = tuple(ACT_RANGES)                 # asymmetric, symmetric, unsigned
+# PACT's lambda of lambda alpha^2 (`--pact-l2`). PACT ties it to the network's weight decay;
+# the trainer's weight decay is AdamW's decoupled one (another scale), so the default is 1e-4,
+# a usual SGD weight decay of the ResNets PACT was trained on.
+DEFAULT_PACT_L2 = 1e-4
+# Quantizer options: recipe field -> the flag that sets it (train.qat; train.ptq where marked).
+OPTION_FLAGS = {
+    "high_bits": "--high-bits", "high_act_bits": "--high-act-bits",
+    "weight_granularity": "--weight-granularity", "act_granularity": "--act-granularity",
+    "act_range": "--act-range", "restricted": "--restricted", "ema_momentum": "--ema-momentum",
+    "factor_momentum": "--factor-momentum", "grad_scale": "--grad-scale",
+    "search_points": "--search-points", "lsq_init": "--lsq-init", "pact_l2": "--pact-l2"}
+# The options that matter without training (PTQ: no gradient, no EMA, no LSQ / PACT).
+PTQ_OPTIONS = ("high_bits", "high_act_bits", "weight_granularity", "act_granularity",
+               "act_range", "restricted", "search_points")
 
 
 def label(bits: int, act_bits: Optional[int], method: str, preset: str) -> str:
@@ -35,7 +55,11 @@ def label(bits: int, act_bits: Optional[int], method: str, preset: str) -> str:
 
 @dataclasses.dataclass(frozen=True)
 class QuantRecipe:
-  """W`bits`A`act_bits` with `method` on the layers `preset` selects (16 bits = float)."""
+  """W`bits`A`act_bits` with `method` on the layers `preset` selects (16 bits = float).
+
+  The other fields are the `QuantSpec` options of every quantized layer (`quantizers.QuantSpec`
+  and `rules.make_rule` say what each does); their defaults are method.md's.
+  """
 
   bits: int = 4
   act_bits: Optional[int] = None  # None: same as `bits`; 16: weight-only
@@ -43,6 +67,16 @@ class QuantRecipe:
   preset: str = "paper"
   high_bits: int = 8
   high_act_bits: Optional[int] = None  # None: `high_bits`, or 16 in weight-only recipes
+  weight_granularity: str = "per_channel"
+  act_granularity: str = "per_tensor"
+  act_range: Optional[str] = None  # None: the method's (pact symmetric, others asymmetric)
+  restricted: bool = False  # weights on the symmetric grid with zero as a level
+  ema_momentum: float = 0.9  # EMA of activation statistics / ranges
+  factor_momentum: Optional[float] = None  # EMA of the learnable factors, used in evaluation
+  grad_scale: bool = True  # LSQ's 1/sqrt(N Q_P) on LSC / LSQ factors
+  search_points: int = 64  # candidates of the MSE range search
+  lsq_init: str = "paper"  # LSQ step init: 2 mean|x|/sqrt(Q_P) (paper) or mse
+  pact_l2: float = DEFAULT_PACT_L2  # PACT's lambda alpha^2 loss term
 
   def __post_init__(self):
     if self.bits not in BITS:
@@ -53,6 +87,29 @@ class QuantRecipe:
       raise UserError(f"unknown quantization method {self.method!r}; expected one of {METHODS}")
     if self.preset not in PRESETS:
       raise UserError(f"unknown preset {self.preset!r}; expected one of {PRESETS}")
+    for name, allowed in (("high_bits", BITS), ("high_act_bits", (None,) + BITS),
+                          ("weight_granularity", WEIGHT_GRANULARITIES),
+                          ("act_granularity", ACT_GRANULARITIES),
+                          ("act_range", (None,) + ACT_RANGE_KINDS), ("lsq_init", LSQ_INITS),
+                          ("restricted", (False, True)), ("grad_scale", (False, True))):
+      if getattr(self, name) not in allowed:
+        self._bad(name, f"one of {', '.join(str(a) for a in allowed if a is not None)}")
+    if not 0 <= self.ema_momentum < 1:
+      self._bad("ema_momentum", "in [0, 1)")
+    if self.factor_momentum is not None and not 0 < self.factor_momentum < 1:
+      self._bad("factor_momentum", "in (0, 1) (or unset: no factor EMA)")
+    if not (isinstance(self.search_points, int) and self.search_points >= 2):
+      self._bad("search_points", "an integer, at least 2")
+    if not (math.isfinite(self.pact_l2) and self.pact_l2 >= 0):
+      self._bad("pact_l2", "a non-negative number")
+    try:
+      self.rules()   # the combinations QuantSpec rejects (e.g. per_token with lsq / pact)
+    except ValueError as e:
+      raise UserError(f"quantization recipe {self.label}: {e}") from None
+
+  def _bad(self, name: str, expected: str) -> None:
+    raise UserError(f"{OPTION_FLAGS[name]} ({name}) must be {expected}, got "
+                    f"{getattr(self, name)!r}")
 
   @property
   def effective_act_bits(self) -> int:
@@ -68,7 +125,13 @@ class QuantRecipe:
 
   def rules(self):
     return preset_rules(self.preset, self.bits, self.effective_act_bits, method=self.method,
-                        high_bits=self.high_bits, high_act_bits=self.high_act_bits)
+                        high_bits=self.high_bits, high_act_bits=self.high_act_bits,
+                        weight_granularity=self.weight_granularity,
+                        act_granularity=self.act_granularity, act_range=self.act_range,
+                        restricted=self.restricted, momentum=self.ema_momentum,
+                        factor_momentum=self.factor_momentum, grad_scale=self.grad_scale,
+                        search_points=self.search_points, lsq_init=self.lsq_init,
+                        pact_l2=self.pact_l2)
 
   def apply(self, model: nnx.Module) -> Tuple[nnx.Module, QuantReport]:
     """Quantizes `model` in place (clone it first to keep a float copy)."""
@@ -79,4 +142,9 @@ class QuantRecipe:
 
   @classmethod
   def from_dict(cls, d: Dict[str, Any]) -> "QuantRecipe":
+    """The recipe of `to_dict` (metadata); fields it lacks (older checkpoints) take defaults."""
     return cls(**{f.name: d[f.name] for f in dataclasses.fields(cls) if f.name in d})
+
+  def options(self) -> Dict[str, Any]:
+    """The quantizer options (`OPTION_FLAGS` fields) and their values."""
+    return {name: getattr(self, name) for name in OPTION_FLAGS}

@@ -36,9 +36,13 @@ PAPER_HIGH_PRECISION = (
     r"mask_downsample",
     r"memory_encoder\.fuser\.layers\.\d+\.dwconv",
 )
-# Weight quantizer of each rule method (PACT learns activation clips only; its weights use the
-# per-channel MSE range, recomputed every step).
-_WEIGHT_METHOD = {"lsc": "lsc", "lsq": "lsq", "pact": "mse", "minmax": "minmax", "mse": "mse"}
+# Weight quantizer of each rule method. PACT learns activation clips only; its weights use the
+# per-channel min-max range, recomputed every step (method.md §4). PACT's paper quantizes weights
+# with DoReFa, which maps tanh(w) / max|tanh(w)| to [-1, 1]: that rescales every kernel, which a
+# network with BatchNorm after each conv absorbs but a pretrained SAM2 being fine-tuned does not.
+_WEIGHT_METHOD = {"lsc": "lsc", "lsq": "lsq", "pact": "minmax", "minmax": "minmax", "mse": "mse"}
+# Activation range kinds (`make_rule(act_range=...)`) -> QuantSpec (signed, symmetric).
+ACT_RANGES = {"asymmetric": (True, False), "symmetric": (True, True), "unsigned": (False, True)}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -52,23 +56,30 @@ class QuantRule:
 def make_rule(pattern: str, weight_bits: Optional[int], act_bits: Optional[int], *,
               method: str = "lsc", weight_granularity: str = "per_channel",
               act_granularity: str = "per_tensor", act_signed: bool = True,
-              act_symmetric: Optional[bool] = None, restricted: bool = False,
-              **options) -> QuantRule:
+              act_symmetric: Optional[bool] = None, act_range: Optional[str] = None,
+              restricted: bool = False, pact_l2: float = 0.0, **options) -> QuantRule:
   """A rule from bit widths and a method, with the defaults of method.md §2.
 
-  Weights: signed, symmetric, per output channel. Inputs: signed asymmetric per tensor
-  (PACT: symmetric). `weight_bits=None` / `act_bits=None` keep that side float; both None
-  makes an exclusion rule. `options` (momentum, factor_momentum, grad_scale, search_points)
-  go to both specs.
+  Weights: signed, symmetric, per output channel (`restricted`: the grid with zero as a
+  level). Inputs: signed asymmetric per tensor (PACT: symmetric); `act_range` (a key of
+  `ACT_RANGES`) overrides `act_signed` / `act_symmetric`. `weight_bits=None` / `act_bits=None`
+  keep that side float; both None makes an exclusion rule. `pact_l2` goes to PACT input
+  quantizers; `options` (momentum, factor_momentum, grad_scale, search_points, lsq_init) to
+  both specs.
   """
   weight = act = None
   if weight_bits is not None:
     weight = QuantSpec(bits=weight_bits, method=_WEIGHT_METHOD[method],
                        granularity=weight_granularity, restricted=restricted, **options)
   if act_bits is not None:
+    if act_range is not None:
+      if act_range not in ACT_RANGES:
+        raise ValueError(f"act_range must be one of {tuple(ACT_RANGES)}, got {act_range!r}")
+      act_signed, act_symmetric = ACT_RANGES[act_range]
     sym = (method == "pact") if act_symmetric is None else act_symmetric
     act = QuantSpec(bits=act_bits, method=method, granularity=act_granularity,
-                    signed=act_signed, symmetric=sym, **options)
+                    signed=act_signed, symmetric=sym,
+                    pact_l2=pact_l2 if method == "pact" else 0.0, **options)
   return QuantRule(pattern, weight, act)
 
 
