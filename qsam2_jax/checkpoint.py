@@ -366,23 +366,25 @@ class RunCheckpointer:
     return sorted(self._mngr.all_steps())
 
   def save(self, step: int, *, model: Any, meta: Dict[str, Any], opt: Any = None,
-           train: Any = None, data: Any = None) -> bool:
+           train: Any = None, data: Any = None, clip_data: Any = None) -> bool:
     """Starts saving `step` (returns once the arrays are copied to the host).
 
     `model`, `opt`, `train`: pytrees of arrays (e.g. `nnx.state(model)`); `data`: an Orbax
-    save argument such as `grain.checkpoint.CheckpointSave(iterator)`.
+    save argument such as `grain.checkpoint.CheckpointSave(iterator)`; `clip_data` likewise
+    for a second iterator (the trainer's video clips).
     """
     args = {"model": ocp.args.StandardSave(model),
             "meta": ocp.args.JsonSave({"format": FORMAT, **meta, "step": int(step)})}
     for name, tree in (("opt", opt), ("train", train)):
       if tree is not None:
         args[name] = ocp.args.StandardSave(tree)
-    if data is not None:
-      args["data"] = data
+    for name, arg in (("data", data), ("clip_data", clip_data)):
+      if arg is not None:
+        args[name] = arg
     return self._mngr.save(int(step), args=ocp.args.Composite(**args), force=True)
 
   def restore(self, step: Optional[int] = None, *, model: Any, opt: Any = None,
-              train: Any = None, data: Any = None) -> Dict[str, Any]:
+              train: Any = None, data: Any = None, clip_data: Any = None) -> Dict[str, Any]:
     """Restores `step` (default: the latest) into abstract targets.
 
     `model`, `opt`, `train`: pytrees of `jax.ShapeDtypeStruct`s carrying the shardings of the
@@ -397,8 +399,9 @@ class RunCheckpointer:
     for name, tree in (("opt", opt), ("train", train)):
       if tree is not None:
         args[name] = ocp.args.StandardRestore(tree)
-    if data is not None:
-      args["data"] = data
+    for name, arg in (("data", data), ("clip_data", clip_data)):
+      if arg is not None:
+        args[name] = arg
     try:
       out = self._mngr.restore(step, args=ocp.args.Composite(**args))
     except Exception as e:  # noqa: BLE001 - Orbax raises many types for a broken directory

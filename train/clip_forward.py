@@ -336,7 +336,7 @@ def _memory_bank(cfg, feats, ptrs, processed, cond_out, f, num_frames, n, only_p
 
 
 def clip_forward(model, images: jax.Array, gt_masks: jax.Array, plan: ClipPlan, key: jax.Array,
-                 cfg: ClipConfig = ClipConfig()) -> ClipOutputs:
+                 cfg: ClipConfig = ClipConfig(), *, carry_params: bool = False) -> ClipOutputs:
   """SAM2Train's forward over B clips (module docstring).
 
   Args:
@@ -347,6 +347,8 @@ def clip_forward(model, images: jax.Array, gt_masks: jax.Array, plan: ClipPlan, 
       all False; mask them in the loss).
     plan: the prompts (`sample_plan` or `mask_prompt_plan`).
     key: randomness of the clicks and boxes.
+    carry_params: carry the parameters through the frame loop too (range calibration sets
+      learnable clip factors inside it); training keeps them loop constants.
   """
   mcfg = model.cfg
   b, t, s = images.shape[:3]
@@ -370,7 +372,9 @@ def clip_forward(model, images: jax.Array, gt_masks: jax.Array, plan: ClipPlan, 
   rank = jnp.argsort(order, axis=1)
   mem_dtype = jnp.dtype(cfg.memory_dtype) if cfg.memory_dtype else jnp.float32
 
-  graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+  fixed = nnx.Nothing() if carry_params else nnx.Param  # loop constants; the rest is carried
+  carried = nnx.Not(fixed)
+  graphdef, params, rest = nnx.split(model, fixed, ...)
 
   def step(carry, xs):
     feats_mem, ptrs_mem, rest = carry
@@ -423,7 +427,7 @@ def clip_forward(model, images: jax.Array, gt_masks: jax.Array, plan: ClipPlan, 
 
     # Iterative correction clicks on the frames to correct.
     r_corr = rows(corr)
-    rest = nnx.state(m, nnx.Not(nnx.Param))
+    rest = nnx.state(m, carried)
 
     def corrections(state):
       def click_step(c, k):

@@ -19,7 +19,7 @@ float32 already normalized), `masks` (B, T, N, S, S) bool, `valid` (B, N) bool
 
 from __future__ import annotations
 
-from typing import Any, Callable, Dict, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import jax
 import jax.numpy as jnp
@@ -28,6 +28,8 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from qsam2_jax import parallel
+from qsam2_jax.quant.penalty import pact_l2_penalty
+from qsam2_jax.quant.quantizers import ClipFactor
 from train import clip_forward as cf
 from train import losses
 from train.step import place, prepare_for_training, state_shardings  # noqa: F401 (re-export)
@@ -80,7 +82,7 @@ def clip_loss(out: cf.ClipOutputs, gt_masks: jax.Array, valid: jax.Array,
 def frames(batch: Batch) -> jax.Array:
   """The batch's clips as model input: uint8 frames are normalized on the device (exactly as
   the predictors do), float frames are taken as already normalized."""
-  images = batch["images"]
+  images = jnp.asarray(batch["images"])
   if images.dtype == jnp.uint8:
     from qsam2_jax.video_io import normalize_frame
     return normalize_frame(images)
@@ -95,7 +97,58 @@ def clip_loss_fn(model: nnx.Module, batch: Batch, key: jax.Array, clip_cfg: cf.C
   k_plan, k_fwd = jax.random.split(key)
   plan = cf.sample_plan(k_plan, b, t, clip_cfg)
   out = cf.clip_forward(model, frames(batch), batch["masks"], plan, k_fwd, clip_cfg)
-  return clip_loss(out, batch["masks"], batch["valid"], loss_cfg)
+  total, terms = clip_loss(out, batch["masks"], batch["valid"], loss_cfg)
+  # PACT's L2 penalty on its clips, a term of the loss as in the image step (zero without PACT).
+  terms["pact_l2"] = pact_l2_penalty(model)
+  return total + terms["pact_l2"], terms
+
+
+def calibration_plan(batch: int, num_frames: int, correction_clicks: int, offset: int = 0
+                     ) -> cf.ClipPlan:
+  """Deterministic prompts for range calibration over clips, covering every quantized layer.
+
+  Clip j (counting from `offset` over all calibration batches) alternates between SAM2Train's
+  two kinds: even j a GT mask on frame 0 (the mask goes through `mask_downsample` and the
+  prompt encoder's `mask_downscaling`), odd j points on frame 0 (a box for j = 1 mod 4, else a
+  click) with `correction_clicks` error clicks whose previous logits are fed back as the mask
+  input. Only frame 0 conditions, so frames 1.. run memory attention and object pointers.
+  """
+  j = jnp.arange(batch) + offset
+  t = num_frames
+  first = jnp.broadcast_to(jnp.arange(t)[None] == 0, (batch, t))
+  points = j % 2 == 1
+  box = first & ((j % 4) == 1)[:, None]
+  correct = first & points[:, None]
+  return cf.ClipPlan(points, first, box, correct,
+                     jnp.zeros((batch, t, correction_clicks), bool))
+
+
+@nnx.jit(static_argnames=("clip_cfg",))
+def _calibrate_clip(model, images, masks, plan, key, clip_cfg):
+  cf.clip_forward(model, images, masks, plan, key, clip_cfg, carry_params=True)
+
+
+def calibrate_clips(model: nnx.Module, clips: Sequence[Batch], clip_cfg: cf.ClipConfig,
+                    seed: int = 0) -> nnx.Module:
+  """Range calibration of every quantizer over clips (`calibration_plan` prompts), in place.
+
+  Continues the running means of a preceding image calibration (`quant.calibration`
+  `calibrate_ranges`): quantizers used by both paths average over image batches and clips.
+  Leaves the model in evaluation mode, like `calibrate_ranges`.
+  """
+  from qsam2_jax.quant import set_mode
+  from qsam2_jax.quant.calibration import commit_state
+  set_mode(model, "calibrate")
+  commit_state(model)
+  seen = 0
+  for i, batch in enumerate(clips):
+    b, t = batch["images"].shape[:2]
+    plan = calibration_plan(b, t, clip_cfg.correction_clicks, seen)
+    key = jax.random.fold_in(jax.random.key(seed), i)
+    jax.block_until_ready(_calibrate_clip(model, frames(batch), jnp.asarray(batch["masks"]),
+                                          plan, key, clip_cfg))
+    seen += b
+  return set_mode(model, "eval")
 
 
 def clip_ious(model: nnx.Module, batch: Batch) -> Tuple[jax.Array, jax.Array]:
@@ -112,6 +165,13 @@ def clip_ious(model: nnx.Module, batch: Batch) -> Tuple[jax.Array, jax.Array]:
   iou = losses.actual_iou(pred, gt)
   valid = jnp.broadcast_to(_object_rows(batch["valid"])[None], iou.shape)
   return iou, valid
+
+
+def _factor_leaves(state: Any) -> List[Tuple[Any, Any]]:
+  """(path, variable) of the `ClipFactor`s of a state (or of its gradient), in tree order."""
+  leaves = jax.tree_util.tree_flatten_with_path(
+      state, is_leaf=lambda v: isinstance(v, nnx.Variable))[0]
+  return [(p, v) for p, v in leaves if isinstance(v, ClipFactor)]
 
 
 class ClipSteps:
@@ -142,6 +202,8 @@ class ClipSteps:
     self.batch_sh = parallel.batch_sharding(mesh)
     repl = parallel.replicated(mesh)
     self.clip_cfg, self.loss_cfg, self.seed, self.schedule = clip_cfg, loss_cfg, seed, schedule
+    self.factor_names = [parallel.path_str(p) for p, _ in _factor_leaves(
+        nnx.state(model, nnx.Param))]
 
     def train_step(model_state, opt_state, batch):
       model = nnx.merge(self.model_gd, model_state)
@@ -151,6 +213,8 @@ class ClipSteps:
           lambda m: clip_loss_fn(m, batch, key, self.clip_cfg, self.loss_cfg), has_aux=True)
       (loss, terms), grads = grad_fn(model)
       metrics = {"loss": loss, **terms, "grad_norm": optax.tree.norm(grads)}
+      zero = [jnp.all(g[...] == 0) for _, g in _factor_leaves(grads)]
+      metrics["zero_grad_factors"] = jnp.stack(zero) if zero else jnp.zeros((0,), bool)
       if self.schedule is not None:
         metrics["lr"] = self.schedule(opt.step[...])
       opt.update(model, grads)
@@ -177,7 +241,11 @@ class ClipSteps:
     return parallel.global_batch(local, self.mesh)
 
   def train(self, model_state, opt_state, batch: Batch):
-    """One step: (new model state, new optimizer state, metrics). Donates both states."""
+    """One step: (new model state, new optimizer state, metrics). Donates both states.
+
+    `metrics["zero_grad_factors"]` is a bool vector over `factor_names`: the clip factors
+    (step sizes) whose gradient was exactly zero in this step (layers the clip did not reach).
+    """
     with jax.set_mesh(self.mesh):
       return self._train(model_state, opt_state, batch)
 

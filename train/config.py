@@ -63,6 +63,14 @@ class TrainConfig:
   vrc_lambda_mode: str = "relative"
   vrc_images: int = 16
   calib_images: int = 16
+  calib_clips: int = 8  # range calibration over clips (memory path); 0: image batches only
+  # Video clips (SAM2's training forward, train/clip_forward.py).
+  video_data: Optional[str] = None  # DAVIS / SA-V folder; None: synthetic videos
+  video_frames: int = 8  # T, frames per clip (SAM2: 8)
+  video_objects: int = 3  # N, objects per clip (SAM2: 3)
+  video_ratio: Optional[float] = None  # share of clip steps; None: 0.5 with videos (below)
+  video_batch_size: Optional[int] = None  # clips per clip step; None: `video_batch`
+  correction_clicks: int = 7  # SAM2's num_correction_pt_per_frame
   # Optimization.
   steps: int = 5000
   batch_size: int = 16  # global, over all processes
@@ -100,6 +108,7 @@ class TrainConfig:
     float32 compute: CPUs emulate bfloat16 matmuls, which is slower, not faster.
     """
     small = dict(steps=4, batch_size=2, masks_per_image=4, vrc_images=4, calib_images=4,
+                 calib_clips=2, video_frames=3,
                  eval_images=8, eval_batch_size=4, save_every=4, eval_every=0, log_every=1,
                  dtype="float32", lr=1e-4, clip_lr=1e-3, data_threads=2)
     return cls(**{**small, **overrides})
@@ -131,7 +140,20 @@ class TrainConfig:
       if getattr(self, name) < 1:
         raise UserError(f"--{name.replace('_', '-')} must be at least 1, got "
                         f"{getattr(self, name)}")
-    for name in ("save_every", "eval_every", "eval_images"):
+    for name in ("video_frames", "video_objects"):
+      if getattr(self, name) < 1:
+        raise UserError(f"--{name.replace('_', '-')} must be at least 1, got "
+                        f"{getattr(self, name)}")
+    if self.video_batch_size is not None and self.video_batch_size < 1:
+      raise UserError("--video-batch-size must be at least 1")
+    r = self.video_ratio
+    if r is not None and not (math.isfinite(r) and 0.0 <= r <= 1.0):
+      raise UserError(f"--video-ratio must be in [0, 1], got {r}")
+    if self.clip_ratio > 0 and self.video_frames < 2:
+      raise UserError(f"--video-frames {self.video_frames}: a clip step needs at least 2 frames "
+                      "(the memory path runs from the second); use --video-ratio 0 for image "
+                      "steps only")
+    for name in ("save_every", "eval_every", "eval_images", "calib_clips", "correction_clicks"):
       if getattr(self, name) < 0:
         raise UserError(f"--{name.replace('_', '-')} must be at least 0")
     for name in ("lr", "clip_lr", "weight_decay", "grad_clip", "distill"):
@@ -166,6 +188,28 @@ class TrainConfig:
       return "fp"
     a = self.bits if self.act_bits is None else self.act_bits
     return f"w{self.bits}a{a}-{self.method}-{self.preset}"
+
+  @property
+  def clip_ratio(self) -> float:
+    """The share of clip steps: --video-ratio, else 0.5 when videos come with the data (given
+    with --video-data, or the embedded default's synthetic videos) and 0 beside --data alone."""
+    if self.video_ratio is not None:
+      return self.video_ratio
+    return 0.5 if (self.video_data is not None or self.data is None) else 0.0
+
+  def is_clip_step(self, step: int) -> bool:
+    """Step `step` (0-based) is a clip step: floor(step·r) moves (the first step is one for
+    r > 0, then evenly spread; a pure function of the step, so resuming keeps the pattern)."""
+    r = self.clip_ratio
+    return r > 0 and math.floor(step * r + 1e-9) != math.floor((step - 1) * r + 1e-9)
+
+  def video_batch(self, multiple: int) -> int:
+    """Clips per clip step: --video-batch-size, else about as many frames as an image batch
+    (batch_size // video_frames), at least one, rounded up to `multiple` (devices, processes)."""
+    if self.video_batch_size is not None:
+      return self.video_batch_size
+    n = max(1, self.batch_size // self.video_frames)
+    return -(-n // multiple) * multiple
 
   @property
   def warmup(self) -> int:

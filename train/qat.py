@@ -7,9 +7,13 @@
 
 Pipeline: load the float model (--init) -> [qsam2: VRC re-fit of the image encoder's linears on
 --vrc-images images] -> quantize (--bits/--act-bits/--method/--preset) -> calibrate the ranges
-(--calib-images) -> AdamW (weights at --lr, clip factors at --clip-lr) with SAM2's losses, one
-jitted step sharded over the mesh -> periodic mean-IoU evaluation on held-out masks -> Orbax
-checkpoints in --out (model, optimizer, quantizer statistics, RNG, data-iterator position).
+of every quantizer on --calib-images images and --calib-clips video clips (memory attention,
+memory encoder and object pointers only run on clips; a quantizer that saw no data is an error)
+-> AdamW (weights at --lr, clip factors at --clip-lr) with SAM2's losses, alternating image steps
+and clip steps (--video-ratio of the steps: SAM2's training forward over --video-frames frames
+with mask / box / click prompts and --correction-clicks error clicks, train/clip_forward.py),
+each one jitted step sharded over the mesh -> periodic mean-IoU evaluation on held-out masks ->
+Orbax checkpoints in --out (model, optimizer, quantizer statistics, RNG, both data iterators).
 --method fp fine-tunes the float model in the same loop.
 
 The same command runs on every process of a multi-host job (SLURM, Open MPI and Cloud TPU pods
@@ -23,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 import os
 import shutil
 import signal
@@ -86,6 +91,10 @@ def build_parser() -> argparse.ArgumentParser:
   g.add_argument("--vrc-images", type=positive_int, help=f"VRC images {default('vrc_images')}")
   g.add_argument("--calib-images", type=positive_int,
                  help=f"range-calibration images {default('calib_images')}")
+  g.add_argument("--calib-clips", type=nonnegative_int,
+                 help="range-calibration clips of --video-frames frames, alternating a mask "
+                 "prompt and points with correction clicks; the memory path's quantizers see "
+                 f"data only there {default('calib_clips')}")
   g = p.add_argument_group("model and data")
   g.add_argument("--init", help="float checkpoint: Orbax directory or official .pt (default: the "
                  "embedded random-weight SAM2.1-t)")
@@ -93,6 +102,21 @@ def build_parser() -> argparse.ArgumentParser:
                  "(default: a synthetic dataset generated on first use)")
   g.add_argument("--val-data", help="evaluation set (default: the last --eval-images images of "
                  "--data; a second synthetic set for the default data)")
+  g.add_argument("--video-data", help="DAVIS / SA-V folder (JPEGImages/ + Annotations/ with "
+                 "palette PNGs, per-object PNGs or SA-V RLE JSON) (default: synthetic videos)")
+  g.add_argument("--video-frames", type=positive_int,
+                 help=f"frames per training clip (SAM2: 8) {default('video_frames')}")
+  g.add_argument("--video-objects", type=positive_int,
+                 help=f"objects per clip (SAM2: 3) {default('video_objects')}")
+  g.add_argument("--video-ratio", type=nonnegative_float,
+                 help="share of the steps that are clip steps, in [0, 1]; 0 = image steps only "
+                 "(default 0.5 with --video-data or the embedded default, 0 with --data alone)")
+  g.add_argument("--video-batch-size", type=positive_int,
+                 help="global clips per clip step (default: --batch-size / --video-frames, at "
+                 "least 1, rounded up to a multiple of the devices)")
+  g.add_argument("--correction-clicks", type=nonnegative_int,
+                 help="iterative correction clicks on corrected frames of a clip (SAM2: 7) "
+                 f"{default('correction_clicks')}")
   g.add_argument("--image-size", type=positive_int, help="model input side (default: the "
                  "checkpoint's; 256 for the embedded one)")
   g.add_argument("--masks-per-image", type=positive_int,
@@ -143,7 +167,7 @@ def parse_config(argv: Optional[Sequence[str]] = None) -> tuple[TrainConfig, Dic
   """(config, the flags given explicitly): smoke defaults without --init and --data."""
   given = vars(build_parser().parse_args(argv))
   base = TrainConfig.smoke if "init" not in given and "data" not in given else TrainConfig
-  for key in ("data", "val_data", "init"):
+  for key in ("data", "val_data", "init", "video_data"):
     if key in given and not os.path.exists(given[key]):
       raise UserError(f"--{key.replace('_', '-')} {given[key]} does not exist")
   return base(**given), given
@@ -222,6 +246,36 @@ def data_config(cfg: TrainConfig, image_size: int, *, train: bool):
                              num_threads=cfg.data_threads)
 
 
+def open_video_data(cfg: TrainConfig, image_size: int):
+  """The clip source: --video-data, or synthetic videos at the model's input size."""
+  from qsam2_jax.data import clips
+  return clips.open_videos(cfg.video_data, num_frames=cfg.video_frames,
+                           synthetic_size=(image_size, image_size), seed=cfg.seed)
+
+
+def clip_data_config(cfg: TrainConfig, image_size: int, *, seed_offset: int = 0):
+  from qsam2_jax.data import clips
+  return clips.ClipDataConfig(num_frames=cfg.video_frames, max_objects=cfg.video_objects,
+                              image_size=image_size, seed=cfg.seed + seed_offset,
+                              num_threads=cfg.data_threads)
+
+
+def calibration_clips(cfg: TrainConfig, video_src, image_size: int) -> list:
+  """--calib-clips clips, one per batch, identical on every process."""
+  from qsam2_jax.data import clips
+  it = clips.make_iterator(video_src, 1, clip_data_config(cfg, image_size, seed_offset=2),
+                           shard_index=0, shard_count=1)
+  return [next(it) for _ in range(cfg.calib_clips)]
+
+
+def check_batch(flag: str, value: int, multiple: int, what: str) -> None:
+  """A batch that does not split over the devices and processes: name a value that would."""
+  if value % multiple:
+    fit = -(-value // multiple) * multiple
+    raise UserError(f"{flag} {value} must be a multiple of {what} ({multiple}); "
+                    f"e.g. {flag} {fit}")
+
+
 # ------------------------------------------------------------------------------ the run
 
 
@@ -283,9 +337,9 @@ def run(cfg: TrainConfig, given: Optional[Dict[str, Any]] = None) -> RunResult:
   from jax.experimental import multihost_utils
 
   from qsam2_jax import checkpoint
-  from qsam2_jax.data import pipeline
+  from qsam2_jax.data import clips, pipeline
   from qsam2_jax.quant import calibration, set_mode
-  from train import losses
+  from train import clip_forward, clip_step, losses
   from train import step as steplib
   from train.logging_utils import MetricLogger, Progress
 
@@ -298,11 +352,17 @@ def run(cfg: TrainConfig, given: Optional[Dict[str, Any]] = None) -> RunResult:
     cfg, meta_saved = _resume_config(cfg, given or {}, out)
   mesh = parallel.make_mesh(cfg.mesh)
   ndev, nproc = mesh.size, jax.process_count()
+  multiple = math.lcm(ndev, nproc)
+  what = f"the number of devices ({ndev}) and processes ({nproc})"
   eval_bs = cfg.eval_batch_size or cfg.batch_size
-  for name, b in (("--batch-size", cfg.batch_size), ("--eval-batch-size", eval_bs)):
-    if b % ndev or b % nproc:
-      raise UserError(f"{name} {b} must be a multiple of the number of devices ({ndev}) and "
-                      f"processes ({nproc})")
+  if "eval_batch_size" not in (given or {}):  # a default: round it up to fit the mesh
+    eval_bs = -(-eval_bs // multiple) * multiple
+  check_batch("--batch-size", cfg.batch_size, multiple, what)
+  check_batch("--eval-batch-size", eval_bs, multiple, what)
+  use_clips = cfg.clip_ratio > 0
+  clip_bs = cfg.video_batch(multiple)
+  if use_clips:
+    check_batch("--video-batch-size", clip_bs, multiple, what)
   dtype = jnp.bfloat16 if cfg.dtype == "bfloat16" else None
   say(f"QAT {cfg.tag} on {ndev} {jax.default_backend()} device(s) in {nproc} process(es), "
       f"mesh {dict(mesh.shape)}; run directory {out}")
@@ -310,10 +370,12 @@ def run(cfg: TrainConfig, given: Optional[Dict[str, Any]] = None) -> RunResult:
   # -------- model: load, VRC, quantize, calibrate (fresh) or abstract structure (resume)
   recipe = cfg.recipe()
   teacher, vrc_summary = None, None
+  clip_cfg = clip_forward.ClipConfig(correction_clicks=cfg.correction_clicks)
   if meta_saved is None:
     model, sam_cfg, source = load_init(cfg, dtype)
     image_size = sam_cfg.image_size
     train_src, val_src, data_path = open_data(cfg, image_size)
+    video_src = open_video_data(cfg, image_size)
     if cfg.distill > 0:
       teacher = nnx.clone(model)
     if cfg.use_vrc:
@@ -333,12 +395,20 @@ def run(cfg: TrainConfig, given: Optional[Dict[str, Any]] = None) -> RunResult:
       images = sample_images(train_src, cfg.calib_images, image_size, cfg.seed + 1)
       calibration.calibrate_ranges(model, images, batch_size=min(4, cfg.calib_images),
                                    progress=cfg.progress and is_main, prompt_seed=cfg.seed)
+      what = f"range calibration on {cfg.calib_images} images"
+      if cfg.calib_clips:
+        say(f"range calibration on {cfg.calib_clips} clips of {cfg.video_frames} frames")
+        clip_step.calibrate_clips(model, calibration_clips(cfg, video_src, image_size),
+                                  clip_cfg, seed=cfg.seed)
+        what += f" and {cfg.calib_clips} clips"
+      calibration.require_calibrated(model, what)
       set_mode(model, "train")
   else:
     source, data_path = meta_saved.get("source"), meta_saved.get("data")
     sam_cfg = checkpoint.sam_config(meta_saved)
     image_size = sam_cfg.image_size
     train_src, val_src, data_path = open_data(cfg, image_size)
+    video_src = open_video_data(cfg, image_size) if use_clips else None
     model = checkpoint.abstract_model(sam_cfg, quant=meta_saved.get("quant"), dtype=dtype)
     if cfg.distill > 0:
       teacher = load_init(cfg.replace(image_size=image_size), dtype)[0]
@@ -348,6 +418,10 @@ def run(cfg: TrainConfig, given: Optional[Dict[str, Any]] = None) -> RunResult:
     steplib.prepare_for_training(teacher)
   say(f"model {sam_cfg.name} at {image_size}² from {source}; data {data_path}: "
       f"{len(train_src)} training images" + (f", {len(val_src)} held out" if val_src else ""))
+  if use_clips:
+    say(f"clip steps: {cfg.clip_ratio:g} of the steps, {clip_bs} clips of {cfg.video_frames} "
+        f"frames x {cfg.video_objects} objects, {cfg.correction_clicks} correction clicks, from "
+        f"{cfg.video_data or 'synthetic videos'} ({len(video_src)} videos)")
 
   # -------- optimizer, jitted steps, state on the mesh
   tx_args = dict(lr=cfg.lr, clip_lr=cfg.clip_lr, weight_decay=cfg.weight_decay, steps=cfg.steps,
@@ -361,6 +435,12 @@ def run(cfg: TrainConfig, given: Optional[Dict[str, Any]] = None) -> RunResult:
                         schedule=steplib.lr_schedule(cfg.lr, cfg.steps, cfg.warmup))
   train_it = pipeline.make_iterator(train_src, cfg.batch_size, data_config(cfg, image_size,
                                                                            train=True))
+  clip_steps = clip_it = None
+  if use_clips:  # same structure and shardings as `steps`: the states are interchangeable
+    clip_steps = clip_step.ClipSteps(model, optimizer, mesh, clip_cfg,
+                                     dataclasses.replace(loss_cfg, weight_distill=0.0),
+                                     seed=cfg.seed, schedule=steps.schedule)
+    clip_it = clips.make_iterator(video_src, clip_bs, clip_data_config(cfg, image_size))
   rng = jax.random.key_data(jax.random.key(cfg.seed))
   ckpt = checkpoint.RunCheckpointer(out, keep=cfg.keep)
   start = 0
@@ -372,7 +452,8 @@ def run(cfg: TrainConfig, given: Optional[Dict[str, Any]] = None) -> RunResult:
     restored = ckpt.restore(model=abstract(nnx.state(model), steps.model_sh),
                             opt=abstract(nnx.state(optimizer), steps.opt_sh),
                             train={"rng": np.asarray(rng)},
-                            data=pipeline.restore_args(train_it))
+                            data=pipeline.restore_args(train_it),
+                            clip_data=pipeline.restore_args(clip_it) if clip_it else None)
     model_state, opt_state = restored["model"], restored["opt"]
     rng, start = np.asarray(restored["train"]["rng"]), int(restored["meta"]["step"])
     say(f"resumed {out} at step {start}")
@@ -410,18 +491,32 @@ def run(cfg: TrainConfig, given: Optional[Dict[str, Any]] = None) -> RunResult:
 
   def save(at: int) -> None:
     ckpt.save(at, model=model_state, opt=opt_state, train={"rng": np.asarray(rng)},
-              data=pipeline.save_args(train_it), meta=meta)
+              data=pipeline.save_args(train_it), meta=meta,
+              clip_data=pipeline.save_args(clip_it) if clip_it else None)
 
   losses_seen, last_metrics, last_eval, step, interrupted = [], {}, None, start, False
+  last_kind: Dict[str, dict] = {}
   t_prev = None
   try:
     while step < cfg.steps:
-      batch = steps.batch(next(train_it))
-      model_state, opt_state, metrics = steps.train(model_state, opt_state, batch, teacher_state)
-      metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
+      kind = "clip" if use_clips and cfg.is_clip_step(step) else "image"
+      if kind == "clip":
+        batch = clip_steps.batch(next(clip_it))
+        model_state, opt_state, metrics = clip_steps.train(model_state, opt_state, batch)
+        images_in_step = clip_bs * cfg.video_frames
+      else:
+        batch = steps.batch(next(train_it))
+        model_state, opt_state, metrics = steps.train(model_state, opt_state, batch,
+                                                      teacher_state)
+        images_in_step = cfg.batch_size
+      metrics = jax.device_get(metrics)
+      zero = metrics.pop("zero_grad_factors", None)
+      metrics = {k: float(v) for k, v in metrics.items()}
+      if zero is not None and "clip" not in last_kind and is_main:
+        _report_zero_grads(out, step, clip_steps.factor_names, np.asarray(zero), log)
       step += 1
       now = time.time()
-      ips = cfg.batch_size / (now - t_prev) if t_prev is not None else None
+      ips = images_in_step / (now - t_prev) if t_prev is not None else None
       t_prev = now
       if not np.isfinite(metrics["loss"]):
         good = ckpt.latest_step()
@@ -430,8 +525,10 @@ def run(cfg: TrainConfig, given: Optional[Dict[str, Any]] = None) -> RunResult:
         raise TrainingError(f"non-finite loss ({metrics['loss']}) at step {step}; {where}")
       losses_seen.append(metrics["loss"])
       last_metrics = dict(metrics, images_per_s=ips) if ips else metrics
-      if step % cfg.log_every == 0 or step == cfg.steps:
-        logger.write(step, last_metrics)
+      last_kind[kind] = last_metrics
+      if step % cfg.log_every == 0 or step == cfg.steps:  # the loss, and each kind's terms
+        logger.write(step, {"loss": metrics["loss"],
+                            **{f"{kind}/{k}": v for k, v in last_metrics.items()}})
       bar.update(metrics["loss"], ips)
       if nproc > 1:  # every process must agree to stop at the same step
         stop["signal"] = bool(np.any(multihost_utils.process_allgather(
@@ -463,14 +560,12 @@ def run(cfg: TrainConfig, given: Optional[Dict[str, Any]] = None) -> RunResult:
 
   # -------- summary
   if is_main:
-    terms = ", ".join(f"{k[5:]} {last_metrics[k]:.4g}" for k in losses.LOSS_KEYS
-                      if k in last_metrics)
     lines = [f"done: step {step}/{cfg.steps} in {time.time() - t_start:.0f} s"]
-    if last_metrics:
-      lines.append(f"  train loss {last_metrics['loss']:.4f} ({terms}), grad norm "
-                   f"{last_metrics['grad_norm']:.3g}"
-                   + (f", {last_metrics['images_per_s']:.2f} img/s"
-                      if last_metrics.get("images_per_s") else ""))
+    for kind, m in last_kind.items():
+      terms = ", ".join(f"{k[5:]} {m[k]:.4g}" for k in losses.LOSS_KEYS if k in m)
+      lines.append(f"  {kind} step loss {m['loss']:.4f} ({terms}), grad norm "
+                   f"{m['grad_norm']:.3g}"
+                   + (f", {m['images_per_s']:.2f} frames/s" if m.get("images_per_s") else ""))
     if last_eval:
       lines.append(f"  eval mIoU {last_eval['miou']:.4f} on {int(last_eval['masks'])} held-out "
                    "masks")
@@ -478,6 +573,17 @@ def run(cfg: TrainConfig, given: Optional[Dict[str, Any]] = None) -> RunResult:
                  f"{os.path.join(out, 'logs', 'metrics.jsonl')}")
     print("\n".join(lines), flush=True)
   return RunResult(out, step, losses_seen, last_metrics, last_eval, interrupted)
+
+
+def _report_zero_grads(out: str, step: int, names, zero: np.ndarray, log) -> None:
+  """The first clip step's clip factors without gradient -> logs/zero_grad_factors.json."""
+  from qsam2_jax.files import write_json
+  dead = [n for n, z in zip(names, zero) if z]
+  write_json(os.path.join(out, "logs", "zero_grad_factors.json"),
+             {"step": step, "factors": len(names), "zero_gradient": dead})
+  if dead:
+    log(f"first clip step: {len(dead)} of {len(names)} clip factors got no gradient (e.g. "
+        f"{', '.join(dead[:5])}); see logs/zero_grad_factors.json")
 
 
 @report_user_errors

@@ -393,6 +393,26 @@ def write_vrc_report(result: VRCResult, out_dir: Union[str, os.PathLike]) -> Dic
   return paths
 
 
+def unseen_quantizers(model: nnx.Module) -> List[str]:
+  """Paths of the quantizers of `model` that have not run on any batch (`count` == 0)."""
+  from qsam2_jax.quant.quantizers import Quantizer
+  return ["/".join(map(str, path)) for path, node in nnx.iter_graph(model)
+          if isinstance(node, Quantizer) and int(jax.device_get(node.count[...])) == 0]
+
+
+def require_calibrated(model: nnx.Module, what: str = "range calibration") -> None:
+  """Raises `UserError` listing the quantizers that saw no data after `what`.
+
+  A quantizer without data would fall back to the batch statistics (or a data-blind range) in
+  evaluation: never silently.
+  """
+  unseen = unseen_quantizers(model)
+  if unseen:
+    shown = ", ".join(unseen[:40]) + (f", ... ({len(unseen) - 40} more)" if len(unseen) > 40
+                                      else "")
+    raise UserError(f"{len(unseen)} quantizer(s) saw no data in {what}: {shown}")
+
+
 # ------------------------------------------------------------------------------ PTQ
 
 
