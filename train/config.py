@@ -87,7 +87,7 @@ class TrainConfig:
   keep: int = 3
   eval_every: int = 500
   eval_images: int = 64
-  eval_batch_size: Optional[int] = None  # None: = batch_size
+  eval_batch_size: Optional[int] = None  # None: --batch-size (fits the mesh; see batch_sizes)
   log_every: int = 10
   seed: int = 0
   data_threads: int = 4
@@ -100,7 +100,7 @@ class TrainConfig:
     float32 compute: CPUs emulate bfloat16 matmuls, which is slower, not faster.
     """
     small = dict(steps=4, batch_size=2, masks_per_image=4, vrc_images=4, calib_images=4,
-                 eval_images=8, eval_batch_size=4, save_every=4, eval_every=0, log_every=1,
+                 eval_images=8, save_every=4, eval_every=0, log_every=1,
                  dtype="float32", lr=1e-4, clip_lr=1e-3, data_threads=2)
     return cls(**{**small, **overrides})
 
@@ -150,6 +150,30 @@ class TrainConfig:
     self.recipe()  # checks the quantizer options (one error naming the flag)
 
   # ------------------------------------------------------------------ derived values
+
+  def batch_sizes(self, devices: int, processes: int = 1) -> tuple[int, int]:
+    """(training, evaluation) global batch sizes on a mesh of `devices` in `processes`.
+
+    Every batch is split over all devices, and each process feeds its share, so both must be
+    multiples of lcm(devices, processes). The evaluation batch defaults to the training one
+    (which fits, or this raises); an explicit flag that does not fit is an error naming the
+    nearest sizes that would.
+    """
+    unit = math.lcm(devices, processes)
+
+    def check(flag: str, b: int) -> int:
+      if b % unit:
+        down, up = b // unit * unit, -(-b // unit) * unit
+        fits = f"{down} or {up}" if down else f"{up}"
+        raise UserError(f"{flag} {b} does not fit {devices} device(s) in {processes} "
+                        f"process(es): it must be a multiple of {unit}; use {flag} {fits}")
+      return b
+
+    train = check("--batch-size", self.batch_size)
+    evaluation = train if self.eval_batch_size is None else check("--eval-batch-size",
+                                                                  self.eval_batch_size)
+    return train, evaluation
+
 
   @property
   def quantized(self) -> bool:

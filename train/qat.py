@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 import os
 import shutil
 import signal
@@ -133,7 +134,9 @@ def build_parser() -> argparse.ArgumentParser:
                  help=f"evaluation period, 0 = only at the end {default('eval_every')}")
   g.add_argument("--eval-images", type=nonnegative_int,
                  help=f"held-out images, 0 = no evaluation {default('eval_images')}")
-  g.add_argument("--eval-batch-size", type=positive_int)
+  g.add_argument("--eval-batch-size", type=positive_int,
+                 help="evaluation batch, a multiple of the devices and processes (default: "
+                 "--batch-size)")
   g.add_argument("--log-every", type=positive_int, help=f"{default('log_every')}")
   g.add_argument("--no-progress", dest="progress", action="store_false", help="no tqdm bar")
   return p
@@ -298,11 +301,8 @@ def run(cfg: TrainConfig, given: Optional[Dict[str, Any]] = None) -> RunResult:
     cfg, meta_saved = _resume_config(cfg, given or {}, out)
   mesh = parallel.make_mesh(cfg.mesh)
   ndev, nproc = mesh.size, jax.process_count()
-  eval_bs = cfg.eval_batch_size or cfg.batch_size
-  for name, b in (("--batch-size", cfg.batch_size), ("--eval-batch-size", eval_bs)):
-    if b % ndev or b % nproc:
-      raise UserError(f"{name} {b} must be a multiple of the number of devices ({ndev}) and "
-                      f"processes ({nproc})")
+  _, eval_bs = cfg.batch_sizes(ndev, nproc)
+  unit = math.lcm(ndev, nproc)
   dtype = jnp.bfloat16 if cfg.dtype == "bfloat16" else None
   say(f"QAT {cfg.tag} on {ndev} {jax.default_backend()} device(s) in {nproc} process(es), "
       f"mesh {dict(mesh.shape)}; run directory {out}")
@@ -387,8 +387,8 @@ def run(cfg: TrainConfig, given: Optional[Dict[str, Any]] = None) -> RunResult:
   def evaluate() -> Optional[Dict[str, float]]:
     if val_src is None:
       return None
-    bs = min(eval_bs, len(val_src) // ndev * ndev)
-    if bs == 0 or bs % nproc:
+    bs = min(eval_bs, len(val_src) // unit * unit)
+    if bs == 0:
       return None
     it = pipeline.make_iterator(val_src, bs, data_config(cfg, image_size, train=False))
     iou_sum = count = 0.0
