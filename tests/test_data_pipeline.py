@@ -184,19 +184,13 @@ def test_prompts_follow_the_mask():
 
 
 def test_to_point_prompts():
-  """A box takes the first two slots as SAM2 orders them ([TL, BR, pad]); clicks keep theirs."""
   coords = np.arange(2 * 3 * 2, dtype=np.float32).reshape(2, 3, 2)
   labels = np.array([[1, 0, -1], [1, 1, 0]], np.int32)
   boxes = np.array([[1, 2, 3, 4], [5, 6, 7, 8]], np.float32)
   c, l = prompts.to_point_prompts(coords, labels, boxes, np.array([True, False]))
-  assert c.shape == (2, 3, 2)
-  np.testing.assert_array_equal(np.asarray(l), [[2, 3, -1], [1, 1, 0]])
-  np.testing.assert_array_equal(np.asarray(c[0, :2]), [[1, 2], [3, 4]])
-  np.testing.assert_array_equal(np.asarray(c[1]), coords[1])
-  # One click slot: widened to two so that a box fits.
-  c, l = prompts.to_point_prompts(coords[:, :1], labels[:, :1], boxes, np.array([True, False]))
-  np.testing.assert_array_equal(np.asarray(l), [[2, 3], [1, -1]])
-  np.testing.assert_array_equal(np.asarray(c[0]), [[1, 2], [3, 4]])
+  assert c.shape == (2, 5, 2)
+  np.testing.assert_array_equal(np.asarray(l), [[-1, -1, -1, 2, 3], [1, 1, 0, -1, -1]])
+  np.testing.assert_array_equal(np.asarray(c[0, 3:]), [[1, 2], [3, 4]])
 
 
 def test_make_example_is_consistent(coco_dir):

@@ -1,17 +1,21 @@
 """The training loop learns: it overfits a few synthetic images from PyTorch's default init.
 
 The model is what the trainer starts from without `--init` (SAM2.1-t built by the `sam2`
-package with `torch.manual_seed`, constants randomised, `convert.random_checkpoint`), the data
-the synthetic shapes, the step `train.step.Steps` (SAM2's losses, AdamW, warmup + cosine,
-gradient clipping) with the pipeline's prompt simulation (jittered boxes, flips). The check is
-the trainer's own evaluation, `step.mask_ious`, with exact ground-truth boxes on the training
-images: a loop that cannot fit 8 masks it sees a hundred times is broken (wrong supervision,
-prompts that do not match the masks, a dead prompt path), whatever its loss curve says.
+package with `torch.manual_seed(0)`, constants randomised, `convert.random_checkpoint`), the data
+two synthetic images (7 masks of at least 300 px), the step `train.step.Steps` (SAM2's losses,
+AdamW, warmup + cosine, gradient clipping) fed by the Grain pipeline with box prompts. The check
+is the trainer's own evaluation, `step.mask_ious`, with the ground-truth boxes of the training
+masks: a loop that cannot fit 7 masks it sees 120 times each is broken (wrong supervision, prompts
+that do not match the masks, a dead prompt path), whatever its loss curve says.
+
+At lr 1e-4 this reaches box mIoU 0.92 in 120 steps (200 s on 2 loaded CPU cores). At
+lr 1e-3 from scratch the decoder collapses instead: the image embedding outgrows the prompt
+tokens, token->image attention makes every token equal, and the output stops depending on the
+prompt (docs/learning-curve.md).
 """
 
 from __future__ import annotations
 
-import dataclasses
 import time
 
 import jax
@@ -46,17 +50,16 @@ def overfit(model, data_dir: str, *, steps: int, lr: float, batch_size: int, mas
   st = steplib.Steps(model, opt, mesh, losses.LossConfig())
   ms, os_ = st.place_state(model, opt)
   src = coco.open_source(data_dir)
-  pc = prompts.PromptConfig(max_masks=masks, box_prob=1.0, min_area=MIN_AREA)
+  pc = prompts.PromptConfig(max_masks=masks, box_prob=1.0, box_noise=0.0, min_area=MIN_AREA)
   train = pipeline.make_iterator(
       src, batch_size, pipeline.DataConfig(image_size=SIZE, prompts=pc, seed=seed,
-                                           num_threads=1),
+                                           hflip_prob=0.0, num_threads=1),
       shard_index=0, shard_count=1)
   seen = []
   for _ in range(steps):
     ms, os_, metrics = st.train(ms, os_, st.batch(next(train)))
     seen.append(float(metrics["loss"]))
-  exact = dataclasses.replace(pc, box_noise=0.0)
-  evaluation = pipeline.DataConfig(image_size=SIZE, prompts=exact, seed=seed + 1, shuffle=False,
+  evaluation = pipeline.DataConfig(image_size=SIZE, prompts=pc, seed=seed + 1, shuffle=False,
                                    num_epochs=1, hflip_prob=0.0, num_threads=1)
   iou_sum = count = 0.0
   for b in pipeline.make_iterator(src, 1, evaluation, shard_index=0, shard_count=1):

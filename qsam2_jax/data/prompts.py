@@ -140,34 +140,21 @@ def to_point_prompts(point_coords: jnp.ndarray, point_labels: jnp.ndarray, boxes
                      use_box: jnp.ndarray) -> Tuple[jnp.ndarray, jnp.ndarray]:
   """Merges a batch's clicks and boxes into the decoder's point format (jit-friendly).
 
-  SAM2 feeds a box as two corner points labelled 2 and 3 *first* (`SAM2ImagePredictor`, and
-  `SAM2Train` the same way), so a box prompt occupies the first two slots, `[TL, BR, pad...]`,
-  and clicks `[click..., pad...]`. Slots a prompt does not use are label -1; unlike SAM2's
-  variable-length prompts they still take part in the decoder's attention (there is no mask),
-  so the layout keeps them as few as the static shape allows: max(P, 2) slots, which for a box
-  is SAM2's own token sequence plus P - 2 pads (the prompt encoder appends one more, as SAM2).
+  SAM2 feeds a box as two corner points labelled 2 and 3; here the corners are appended after the
+  click slots, and whichever prompt a mask does not use is relabelled -1 (padding), so every mask
+  has the same number of prompt slots.
 
   Args:
     point_coords: (..., P, 2); point_labels: (..., P); boxes: (..., 4); use_box: (...) bool.
 
   Returns:
-    coords (..., max(P, 2), 2) float32 and labels (..., max(P, 2)) int32, for `decode_prompts`.
+    coords (..., P + 2, 2) float32 and labels (..., P + 2) int32, for `decode_prompts`.
   """
   use_box = jnp.asarray(use_box, bool)
-  coords = jnp.asarray(point_coords, jnp.float32)
-  labels = jnp.asarray(point_labels, jnp.int32)
-  p = coords.shape[-2]
-  if p < 2:  # room for the two corners
-    extra = 2 - p
-    coords = jnp.concatenate([coords, jnp.zeros(coords.shape[:-2] + (extra, 2), coords.dtype)],
-                             axis=-2)
-    labels = jnp.concatenate([labels, jnp.full(labels.shape[:-1] + (extra,), PAD_LABEL,
-                                               labels.dtype)], axis=-1)
-    p = 2
   corners = jnp.reshape(jnp.asarray(boxes, jnp.float32), boxes.shape[:-1] + (2, 2))
-  box_coords = jnp.concatenate(
-      [corners, jnp.zeros(corners.shape[:-2] + (p - 2, 2), jnp.float32)], axis=-2)
-  box_labels = jnp.array([BOX_TL_LABEL, BOX_BR_LABEL] + [PAD_LABEL] * (p - 2), jnp.int32)
-  coords = jnp.where(use_box[..., None, None], box_coords, coords)
-  labels = jnp.where(use_box[..., None], jnp.broadcast_to(box_labels, labels.shape), labels)
-  return coords, labels.astype(jnp.int32)
+  corner_labels = jnp.where(use_box[..., None], jnp.array([BOX_TL_LABEL, BOX_BR_LABEL]),
+                            PAD_LABEL)
+  click_labels = jnp.where(use_box[..., None], PAD_LABEL, jnp.asarray(point_labels))
+  coords = jnp.concatenate([jnp.asarray(point_coords, jnp.float32), corners], axis=-2)
+  labels = jnp.concatenate([click_labels, corner_labels], axis=-1).astype(jnp.int32)
+  return coords, labels
