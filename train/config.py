@@ -174,7 +174,6 @@ class TrainConfig:
                                                                   self.eval_batch_size)
     return train, evaluation
 
-
   @property
   def quantized(self) -> bool:
     return self.method != "fp"
