@@ -9,8 +9,14 @@ dict loaded into ours), the same synthetic JPEG video (`--frames` frames of `--v
 written once) and the same prompts: the first-frame masks of `--objects` objects via
 `add_new_mask`, as in semi-supervised VOS. The timed region is one `propagate_in_video` over
 the whole video, including the copy of every frame's video-resolution logits to the host (what
-an evaluation loop needs); prompts are re-added before each run, outside the timing. A warm-up
-run (compilation for JAX) comes first; frames/s is the median over `--repeats` runs.
+an evaluation loop needs); prompts are re-added before each run, outside the timing. The
+implementations alternate run by run (benchmarks/timing.py): one warm-up round (compilation
+for JAX, in brackets), then `--repeats` rounds; frames/s is the median over rounds and
+"jax / X" the median of per-round speed ratios. `--device cpu` runs both sides on the CPU
+with `--threads` cores each:
+
+  python -m benchmarks.video --device cpu --sizes t --objects 1,3 --dtypes fp32 --frames 8 \
+      --impls jax,torch --repeats 3
 
 PyTorch runs as sam2's own scripts do: `build_sam2_video_predictor(..., device="cuda")`,
 `torch.inference_mode`, TF32 matmuls allowed, and for bf16 `torch.autocast(bfloat16)` around
@@ -35,6 +41,7 @@ import time
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from benchmarks.report import emit
+from benchmarks.timing import alternate, median_ratio, setup_device, torch_device
 
 # JAX and PyTorch share the GPU: JAX must not grab 75 % of its memory up front.
 os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
@@ -158,29 +165,23 @@ def _quiet() -> contextlib.AbstractContextManager:
   return contextlib.redirect_stderr(io.StringIO())
 
 
-def time_runner(runner: Runner, masks: Dict[int, np.ndarray], repeats: int
-                ) -> Tuple[float, float, int]:
-  """(warm-up seconds, median seconds per propagation, frames)."""
-  runner.prompt(masks)
-  t = time.perf_counter()
-  frames = runner.propagate()
-  first = time.perf_counter() - t
-  times = []
-  for _ in range(repeats):
+def propagation_timer(runner: Runner, masks: Dict[int, np.ndarray]) -> Any:
+  """A timer for `timing.alternate`: prompts (untimed), then times one propagation."""
+  def run() -> float:
     runner.prompt(masks)
     t = time.perf_counter()
-    runner.propagate()
-    times.append(time.perf_counter() - t)
-  return first, statistics.median(times), frames
+    run.frames = runner.propagate()
+    return time.perf_counter() - t
+  run.frames = 0
+  return run
 
 
-def torch_models(cfg: Any, impls: Sequence[str], seed: int) -> Tuple[Dict[str, Any],
-                                                                      Dict[str, np.ndarray]]:
+def torch_models(cfg: Any, impls: Sequence[str], seed: int, device: str = "cpu"
+                 ) -> Tuple[Dict[str, Any], Dict[str, np.ndarray]]:
   """The PyTorch predictors to time and the numpy state dict they share with JAX."""
   import torch
 
   from convert.random_checkpoint import build_torch_sam2
-  device = "cuda" if torch.cuda.is_available() else "cpu"
   if device == "cuda":  # as sam2's benchmark.py
     torch.backends.cuda.matmul.allow_tf32 = True
     torch.backends.cudnn.allow_tf32 = True
@@ -216,7 +217,10 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
   p.add_argument("--frames", type=int, default=32)
   p.add_argument("--video-size", type=int, nargs=2, default=(480, 854), metavar=("H", "W"),
                  help="original frame size (default: DAVIS' 480x854)")
-  p.add_argument("--repeats", type=int, default=3)
+  p.add_argument("--repeats", type=int, default=3, help="alternating timed rounds")
+  p.add_argument("--device", default="auto", help="cpu: both sides on the CPU; auto: default")
+  p.add_argument("--threads", type=int, default=None,
+                 help="CPU cores for both sides (default: all the process may use)")
   p.add_argument("--seed", type=int, default=0)
   p.add_argument("--out", default=None, help="also write the markdown table here")
   p.add_argument("--json", default=None, help="also write raw results as JSON here")
@@ -228,8 +232,9 @@ def _table(rows: List[Dict[str, Any]], args: argparse.Namespace, sizes: Sequence
            env: Dict[str, str], cmd: str) -> str:
   ratios = [i for i in impls if i.startswith("torch")] if "jax" in impls else []
   lines = [f"Video propagation, model input {args.image_size}², {args.frames} frames of "
-           f"{args.video_size[0]}x{args.video_size[1]}, frames/s (median of {args.repeats}; "
-           f"warm-up run in seconds in brackets). {env}", f"Command: `{cmd}`", "",
+           f"{args.video_size[0]}x{args.video_size[1]}, frames/s (median of {args.repeats} "
+           f"alternating rounds; warm-up run in seconds in brackets; jax / X: median per-round "
+           f"speed ratio). {env}", f"Command: `{cmd}`", "",
            "| model | objects | dtype | " + " | ".join(impls)
            + "".join(f" | jax / {r}" for r in ratios) + " |",
            "|---|---|---|" + "---|" * (len(impls) + len(ratios))]
@@ -239,7 +244,7 @@ def _table(rows: List[Dict[str, Any]], args: argparse.Namespace, sizes: Sequence
         cell = {r["impl"]: r for r in rows if (r["size"], r["objects"], r["dtype"])
                 == (size, k, dtype)}
         cells = [f"{cell[i]['fps']} ({cell[i]['first_s']})" if i in cell else "-" for i in impls]
-        cells += [f"{cell['jax']['fps'] / cell[r]['fps']:.2f}×" if "jax" in cell and r in cell
+        cells += [f"{cell['jax'][f'jax_vs_{r}']:.2f}×" if "jax" in cell and r in cell
                   else "-" for r in ratios]
         lines.append(f"| {size} | {k} | {dtype} | " + " | ".join(cells) + " |")
   return "\n".join(lines)
@@ -247,6 +252,7 @@ def _table(rows: List[Dict[str, Any]], args: argparse.Namespace, sizes: Sequence
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
   args = parse_args(argv)
+  setup = setup_device(args.device, args.threads)
   sizes, dtypes, impls = args.sizes.split(","), args.dtypes.split(","), args.impls.split(",")
   objects = [int(k) for k in args.objects.split(",")]
   unknown = sorted(set(impls) - set(IMPLS))
@@ -255,6 +261,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
   from benchmarks.image_encoder import environment
   from qsam2_jax.model.configs import get_config
 
+  tdev = torch_device(args.device)
   rows: List[Dict[str, Any]] = []
   with tempfile.TemporaryDirectory() as tmp:
     video_dir = os.path.join(tmp, "video")
@@ -262,26 +269,36 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                            args.seed)
     for size in sizes:
       cfg = get_config(f"sam2.1_hiera_{size}", image_size=args.image_size)
-      models, state_dict = torch_models(cfg, impls, args.seed)
+      models, state_dict = torch_models(cfg, impls, args.seed, tdev)
       for dtype in dtypes:
-        for impl in impls:
-          runner: Runner = (JaxRunner(state_dict, cfg, dtype, video_dir) if impl == "jax"
-                            else TorchRunner(models[impl], dtype, video_dir))
-          for k in objects:
-            masks = dict(list(all_masks.items())[:k])
-            first, sec, frames = time_runner(runner, masks, args.repeats)
+        runners: Dict[str, Runner] = {
+            impl: (JaxRunner(state_dict, cfg, dtype, video_dir) if impl == "jax"
+                   else TorchRunner(models[impl], dtype, video_dir)) for impl in impls}
+        for k in objects:
+          masks = dict(list(all_masks.items())[:k])
+          timers = {impl: propagation_timer(r, masks) for impl, r in runners.items()}
+          first = alternate(1, timers, warmup=0)
+          times = alternate(args.repeats, timers, warmup=0)
+          for impl in impls:
+            frames = timers[impl].frames
+            sec = statistics.median(times[impl])
             row = dict(size=size, objects=k, dtype=dtype, impl=impl,
-                       fps=round(frames / sec, 2), ms_per_frame=round(1e3 * sec / frames, 2),
-                       first_s=round(first, 1))
+                       fps=round(frames / sec, 3), ms_per_frame=round(1e3 * sec / frames, 1),
+                       first_s=round(first[impl][0], 1),
+                       rounds_s=[round(t, 2) for t in times[impl]])
+            if impl == "jax":
+              row.update({f"jax_vs_{r}": round(median_ratio(times, r, "jax"), 3)
+                          for r in impls if r != "jax"})
             rows.append(row)
             print(json.dumps(row), flush=True)
+        for runner in runners.values():
           if isinstance(runner, TorchRunner):
             runner.close()
-          del runner
-          _free_memory()
+        del runners
+        _free_memory()
       del models
       _free_memory()
-  env = environment()
+  env = environment(setup)
   cmd = "python -m benchmarks.video " + " ".join(argv if argv is not None else sys.argv[1:])
   table = _table(rows, args, sizes, objects, dtypes, impls, env, cmd)
   emit(table, {"env": env, "command": cmd, "rows": rows}, args.out, args.json)

@@ -31,7 +31,6 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from qsam2_jax.checkpoint import load_sam2
 from qsam2_jax.errors import UserError
 from qsam2_jax.model import tracking
 from qsam2_jax.model.configs import SAM2Config
@@ -165,10 +164,15 @@ class VideoPredictor:
 
   @classmethod
   def from_checkpoint(cls, path: str | os.PathLike, config: Optional[str] = None, dtype=None,
-                      image_size: Optional[int] = None, **options) -> "VideoPredictor":
-    """Loads an Orbax directory or an official `.pt` file; `options` go to the constructor."""
-    model, _ = load_sam2(path, config=config, dtype=dtype, image_size=image_size)
-    return cls(model, **options)
+                      image_size: Optional[int] = None, keep_packed: bool = False,
+                      **options) -> "VideoPredictor":
+    """Loads an Orbax directory or an official `.pt` file; `options` go to the constructor.
+
+    `keep_packed`: a packed low-bit file stays packed in memory (`ImagePredictor`'s option).
+    """
+    from qsam2_jax.predictor import load_model
+    return cls(load_model(path, config=config, dtype=dtype, image_size=image_size,
+                          keep_packed=keep_packed), **options)
 
   # ---------------------------------------------------------------------------- jitted parts
 

@@ -52,6 +52,34 @@ def test_config_defaults_and_help():
     assert flag in help_text, flag
 
 
+def test_batch_defaults_fit_the_mesh():
+  """The evaluation batch follows --batch-size, so defaults never clash with the mesh (the
+  issue's `--batch-size 8 --mesh data=4,fsdp=2` on 8 devices); a flag that does not fit is
+  refused with the sizes that would."""
+  cfg, _ = qat.parse_config(["--bits", "2", "--batch-size", "8", "--mesh", "data=4,fsdp=2"])
+  assert cfg.batch_sizes(8, 1) == (8, 8)
+  assert qat.TrainConfig.smoke().batch_sizes(1) == (2, 2)
+  assert qat.TrainConfig(batch_size=32, eval_batch_size=16).batch_sizes(8, 2) == (32, 16)
+  cases = [(dict(batch_size=6), 8, 1, "--batch-size 6 does not fit 8 device(s) in 1 process(es): "
+                                      "it must be a multiple of 8; use --batch-size 8"),
+           (dict(batch_size=20), 8, 1, "use --batch-size 16 or 24"),
+           (dict(batch_size=8, eval_batch_size=4), 8, 1, "use --eval-batch-size 8"),
+           (dict(batch_size=12, eval_batch_size=12), 4, 8, "multiple of 8; use --batch-size 8 or "
+                                                          "16")]
+  for kw, devices, procs, match in cases:
+    with pytest.raises(qat.UserError, match=re.escape(match)):
+      qat.TrainConfig(**kw).batch_sizes(devices, procs)
+
+
+def test_batch_that_does_not_fit_is_refused_early(tmp_path, capsys):
+  t = time.time()
+  assert qat.main(["--method", "fp", "--batch-size", "12", "--out", str(tmp_path / "r")]) == 2
+  err = capsys.readouterr().err.strip()
+  assert err == ("error: --batch-size 12 does not fit 8 device(s) in 1 process(es): it must be a "
+                 "multiple of 8; use --batch-size 8 or 16"), err
+  assert time.time() - t < 10
+
+
 def test_param_groups_and_schedule():
   model = checkpoint.abstract_model(tiny_config(),
                                     quant=QuantRecipe(bits=4, preset="encoder").to_dict())

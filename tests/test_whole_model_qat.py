@@ -39,7 +39,7 @@ def test_clip_step_schedule_and_batch():
   # About as many frames as an image batch, rounded up to the devices.
   assert TrainConfig(batch_size=16, video_frames=8).video_batch(1) == 2
   assert TrainConfig(batch_size=8, video_frames=3).video_batch(8) == 8
-  assert TrainConfig(video_batch_size=3).video_batch(8) == 3  # checked by the trainer
+  assert TrainConfig(batch_size=8, video_frames=3).video_batch(2, 3) == 6
 
 
 @pytest.mark.parametrize("argv,match", [
@@ -52,10 +52,11 @@ def test_video_flag_errors(argv, match, capsys):
   assert match in capsys.readouterr().err
 
 
-def test_batch_that_does_not_fit_names_one_that_would():
-  with pytest.raises(UserError, match=r"--video-batch-size 3 must be a multiple of .* \(8\); "
-                     r"e.g. --video-batch-size 8"):
-    qat.check_batch("--video-batch-size", 3, 8, "the devices")
+def test_clip_batch_that_does_not_fit_names_one_that_would():
+  with pytest.raises(UserError, match=r"--video-batch-size 3 does not fit 8 device\(s\) in 1 "
+                     r"process\(es\): it must be a multiple of 8; use --video-batch-size 8"):
+    TrainConfig(video_batch_size=3).video_batch(8)
+  assert TrainConfig(video_batch_size=6).video_batch(2, 3) == 6
 
 
 def test_calibration_plan_covers_every_prompt_kind():

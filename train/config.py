@@ -32,6 +32,17 @@ RECIPE_METHOD = {name: q for name, (q, _) in TRAIN_METHODS.items() if q is not N
 _RECIPE = QuantRecipe()  # the defaults of the quantizer options
 
 
+def fit_batch(flag: str, b: int, devices: int, processes: int = 1) -> int:
+  """`b` if it splits over the devices and processes, else an error naming sizes that would."""
+  unit = math.lcm(devices, processes)
+  if b % unit:
+    down, up = b // unit * unit, -(-b // unit) * unit
+    fits = f"{down} or {up}" if down else f"{up}"
+    raise UserError(f"{flag} {b} does not fit {devices} device(s) in {processes} "
+                    f"process(es): it must be a multiple of {unit}; use {flag} {fits}")
+  return b
+
+
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
   """Every choice of a QAT run (flags of `python -m train.qat`; see its `--help`)."""
@@ -95,7 +106,7 @@ class TrainConfig:
   keep: int = 3
   eval_every: int = 500
   eval_images: int = 64
-  eval_batch_size: Optional[int] = None  # None: = batch_size
+  eval_batch_size: Optional[int] = None  # None: --batch-size (fits the mesh; see batch_sizes)
   log_every: int = 10
   seed: int = 0
   data_threads: int = 4
@@ -109,7 +120,7 @@ class TrainConfig:
     """
     small = dict(steps=4, batch_size=2, masks_per_image=4, vrc_images=4, calib_images=4,
                  calib_clips=2, video_frames=3,
-                 eval_images=8, eval_batch_size=4, save_every=4, eval_every=0, log_every=1,
+                 eval_images=8, save_every=4, eval_every=0, log_every=1,
                  dtype="float32", lr=1e-4, clip_lr=1e-3, data_threads=2)
     return cls(**{**small, **overrides})
 
@@ -173,6 +184,22 @@ class TrainConfig:
 
   # ------------------------------------------------------------------ derived values
 
+  def batch_sizes(self, devices: int, processes: int = 1) -> tuple[int, int]:
+    """(training, evaluation) global batch sizes on a mesh of `devices` in `processes`.
+
+    Every batch is split over all devices, and each process feeds its share, so both must be
+    multiples of lcm(devices, processes). The evaluation batch defaults to the training one
+    (which fits, or this raises); an explicit flag that does not fit is an error naming the
+    nearest sizes that would.
+    """
+    def check(flag: str, b: int) -> int:
+      return fit_batch(flag, b, devices, processes)
+
+    train = check("--batch-size", self.batch_size)
+    evaluation = train if self.eval_batch_size is None else check("--eval-batch-size",
+                                                                  self.eval_batch_size)
+    return train, evaluation
+
   @property
   def quantized(self) -> bool:
     return self.method != "fp"
@@ -203,13 +230,15 @@ class TrainConfig:
     r = self.clip_ratio
     return r > 0 and math.floor(step * r + 1e-9) != math.floor((step - 1) * r + 1e-9)
 
-  def video_batch(self, multiple: int) -> int:
-    """Clips per clip step: --video-batch-size, else about as many frames as an image batch
-    (batch_size // video_frames), at least one, rounded up to `multiple` (devices, processes)."""
+  def video_batch(self, devices: int, processes: int = 1) -> int:
+    """Clips per clip step: --video-batch-size (which must fit, like `batch_sizes`), else about
+    as many frames as an image batch (batch_size // video_frames), at least one, rounded up to
+    a multiple of lcm(devices, processes)."""
     if self.video_batch_size is not None:
-      return self.video_batch_size
+      return fit_batch("--video-batch-size", self.video_batch_size, devices, processes)
+    unit = math.lcm(devices, processes)
     n = max(1, self.batch_size // self.video_frames)
-    return -(-n // multiple) * multiple
+    return -(-n // unit) * unit
 
   @property
   def warmup(self) -> int:

@@ -157,7 +157,9 @@ def build_parser() -> argparse.ArgumentParser:
                  help=f"evaluation period, 0 = only at the end {default('eval_every')}")
   g.add_argument("--eval-images", type=nonnegative_int,
                  help=f"held-out images, 0 = no evaluation {default('eval_images')}")
-  g.add_argument("--eval-batch-size", type=positive_int)
+  g.add_argument("--eval-batch-size", type=positive_int,
+                 help="evaluation batch, a multiple of the devices and processes (default: "
+                 "--batch-size)")
   g.add_argument("--log-every", type=positive_int, help=f"{default('log_every')}")
   g.add_argument("--no-progress", dest="progress", action="store_false", help="no tqdm bar")
   return p
@@ -268,14 +270,6 @@ def calibration_clips(cfg: TrainConfig, video_src, image_size: int) -> list:
   return [next(it) for _ in range(cfg.calib_clips)]
 
 
-def check_batch(flag: str, value: int, multiple: int, what: str) -> None:
-  """A batch that does not split over the devices and processes: name a value that would."""
-  if value % multiple:
-    fit = -(-value // multiple) * multiple
-    raise UserError(f"{flag} {value} must be a multiple of {what} ({multiple}); "
-                    f"e.g. {flag} {fit}")
-
-
 # ------------------------------------------------------------------------------ the run
 
 
@@ -352,17 +346,10 @@ def run(cfg: TrainConfig, given: Optional[Dict[str, Any]] = None) -> RunResult:
     cfg, meta_saved = _resume_config(cfg, given or {}, out)
   mesh = parallel.make_mesh(cfg.mesh)
   ndev, nproc = mesh.size, jax.process_count()
-  multiple = math.lcm(ndev, nproc)
-  what = f"the number of devices ({ndev}) and processes ({nproc})"
-  eval_bs = cfg.eval_batch_size or cfg.batch_size
-  if "eval_batch_size" not in (given or {}):  # a default: round it up to fit the mesh
-    eval_bs = -(-eval_bs // multiple) * multiple
-  check_batch("--batch-size", cfg.batch_size, multiple, what)
-  check_batch("--eval-batch-size", eval_bs, multiple, what)
+  _, eval_bs = cfg.batch_sizes(ndev, nproc)
+  unit = math.lcm(ndev, nproc)
   use_clips = cfg.clip_ratio > 0
-  clip_bs = cfg.video_batch(multiple)
-  if use_clips:
-    check_batch("--video-batch-size", clip_bs, multiple, what)
+  clip_bs = cfg.video_batch(ndev, nproc) if use_clips else 0
   dtype = jnp.bfloat16 if cfg.dtype == "bfloat16" else None
   say(f"QAT {cfg.tag} on {ndev} {jax.default_backend()} device(s) in {nproc} process(es), "
       f"mesh {dict(mesh.shape)}; run directory {out}")
@@ -468,8 +455,8 @@ def run(cfg: TrainConfig, given: Optional[Dict[str, Any]] = None) -> RunResult:
   def evaluate() -> Optional[Dict[str, float]]:
     if val_src is None:
       return None
-    bs = min(eval_bs, len(val_src) // ndev * ndev)
-    if bs == 0 or bs % nproc:
+    bs = min(eval_bs, len(val_src) // unit * unit)
+    if bs == 0:
       return None
     it = pipeline.make_iterator(val_src, bs, data_config(cfg, image_size, train=False))
     iou_sum = count = 0.0

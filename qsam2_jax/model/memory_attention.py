@@ -39,10 +39,7 @@ def masked_attention(q: jax.Array, k: jax.Array, v: jax.Array,
   Without a mask this is `layers.attention`. With one, masked logits are set to a large
   negative number before the float32 softmax, so their weights are exactly 0.
   """
-  if key_valid is None:
-    return layers.attention(q, k, v)
-  mask = key_valid.astype(bool)[:, None, None, :]
-  return jax.nn.dot_product_attention(q, k, v, mask=mask)
+  return layers.attention(q, k, v, key_valid)
 
 
 class RoPEAttention(nnx.Module):

@@ -400,8 +400,19 @@ def load(path: str | os.PathLike, *, config: Optional[str] = None, dtype=None,
       raise PackedFileError(f"{path}: {e}") from e
   model = packed_model(cfg, manifest.get("quant"), dtype=dtype)
   keymap.load_state_dict(model, tensors_from(manifest, data, path), source=path)
+  restore_quantizer_state(model, manifest, data, path)
+  return model, cfg
+
+
+def restore_quantizer_state(model: nnx.Module, manifest: Dict[str, Any], data: bytes,
+                            path: str, skip: Tuple[type, ...] = ()) -> None:
+  """Sets the activation quantizers' state from the file; evaluation mode for quantized files.
+
+  `skip`: further Variable types that hold SAM2 tensors (`packed_model.PackedKernel`).
+  """
   want = {module_path(p): v for p, v in nnx.iter_graph(model)
-          if isinstance(v, nnx.Variable) and type(v) not in (nnx.Param, model_layers.Buffer)}
+          if isinstance(v, nnx.Variable) and type(v) not in (nnx.Param, model_layers.Buffer)
+          and not isinstance(v, skip)}
   have = manifest.get("quantizer_state", {})
   missing, extra = sorted(set(want) - set(have)), sorted(set(have) - set(want))
   if missing or extra:
@@ -417,4 +428,3 @@ def load(path: str | os.PathLike, *, config: Optional[str] = None, dtype=None,
     var.set_value(jnp.asarray(arr, var.get_value().dtype))
   if manifest.get("quant"):
     set_mode(model, "eval")
-  return model, cfg
