@@ -100,28 +100,41 @@ def test_a_quantizer_without_data_is_an_error_naming_it():
 MEMORY_PATH = ("memory_attention", "memory_encoder", "obj_ptr")
 
 
-@pytest.mark.slow  # ~5 min per method on 2 loaded CPU cores (compiles VRC, calibration, 2 steps)
+@pytest.mark.slow  # ~10 min per method on 2 loaded CPU cores (compiles VRC, calibration, 2 steps)
 @pytest.mark.parametrize("method", ["qsam2", "lsq", "pact", "minmax"])
-def test_bare_pipeline_calibrates_and_trains_every_quantizer(method, tmp_path):
-  """The bare command's pipeline (embedded SAM2.1-t at 64², synthetic images and videos, 2
-  steps: a clip step then an image step): every quantizer of the saved model has count > 0, and
-  in the first (clip) step every clip factor / step size of memory attention, memory encoder
-  and object-pointer layers gets a non-zero gradient."""
+def test_bare_pipeline_calibrates_and_trains_every_quantizer(method, tmp_path, tmp_path_factory):
+  """The bare command (embedded SAM2.1-t at 64², synthetic images and videos, one device) for
+  2 steps, a clip step then an image step: every quantizer of the saved model has count > 0,
+  and in the first (clip) step every clip factor / step size of memory attention, memory
+  encoder and object-pointer layers gets a non-zero gradient."""
+  import subprocess
+  import sys
+
+  from qat_testlib import REPO
   from qsam2_jax import checkpoint
   from train.logging_utils import read_metrics
-  cfg = TrainConfig.smoke(bits=2, method=method, steps=2, image_size=64, eval_images=0,
-                          out=str(tmp_path / "run"), progress=False)
-  result = qat.run(cfg, {})
-  assert result.step == 2 and np.all(np.isfinite(result.losses))
-  model, _ = checkpoint.load_sam2(result.out)
+  out = tmp_path / "run"
+  cache = os.environ.get("QSAM2_TEST_JAX_CACHE") or str(tmp_path_factory.getbasetemp() / "jaxcc")
+  env = dict(os.environ, PYTHONPATH=REPO, JAX_PLATFORMS="cpu", XLA_FLAGS="",
+             JAX_NUM_CPU_DEVICES="1", JAX_COMPILATION_CACHE_DIR=cache,
+             JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="1")
+  res = subprocess.run([sys.executable, "-m", "train.qat", "--bits", "2", "--method", method,
+                        "--steps", "2", "--image-size", "64", "--eval-images", "0",
+                        "--no-progress", "--out", str(out)], env=env, capture_output=True,
+                       text=True, timeout=3600)
+  assert res.returncode == 0, res.stderr[-3000:]
+  assert "range calibration on 2 clips of 3 frames" in res.stdout
+  model, _ = checkpoint.load_sam2(str(out))
   unseen = unseen_quantizers(model)
   assert not unseen, f"{len(unseen)} quantizers never saw data: {unseen}"
-  with open(os.path.join(result.out, "logs", "zero_grad_factors.json")) as f:
+  with open(out / "logs" / "zero_grad_factors.json") as f:
     report = json.load(f)
   assert report["step"] == 0
+  assert sum(any(k in n for k in MEMORY_PATH) for n in report["factors"]) > 40
   memory = [n for n in report["zero_gradient"] if any(k in n for k in MEMORY_PATH)]
   assert not memory, f"memory-path clip factors without gradient: {memory}"
-  rows = read_metrics(os.path.join(result.out, "logs"))
+  rows = read_metrics(str(out / "logs"))
   assert "clip/loss" in rows[0] and "image/loss" in rows[1]
+  assert all(np.isfinite(r["loss"]) for r in rows)
   pact = rows[0]["clip/pact_l2"]
   assert (pact > 0) if method == "pact" else (pact == 0)

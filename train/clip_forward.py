@@ -445,7 +445,7 @@ def clip_forward(model, images: jax.Array, gt_masks: jax.Array, plan: ClipPlan, 
         new = sam_heads(mm, pix, hr, coords, labels, slot_valid, heads.low_res,
                         _multimask(labels, slot_valid, mcfg))
         new = _select(r_corr, new, heads)
-        carry = (new, coords, labels, slot_valid, nnx.state(mm, nnx.Not(nnx.Param)))
+        carry = (new, coords, labels, slot_valid, nnx.state(mm, carried))
         return carry, (new.multimasks, new.ious, new.obj)
 
       (final, _, _, _, rest), outs = jax.lax.scan(click_step, state, jnp.arange(kk))
@@ -476,7 +476,7 @@ def clip_forward(model, images: jax.Array, gt_masks: jax.Array, plan: ClipPlan, 
                              jnp.broadcast_to(r_corr[:, None], (bn, kk))], axis=1)
     y = (steps(first[0], outs[0]), steps(first[1], outs[1]), steps(first[2], outs[2]), valid,
          heads.low_res, heads.obj_ptr)
-    return (feats_mem, ptrs_mem, nnx.state(m, nnx.Not(nnx.Param))), y
+    return (feats_mem, ptrs_mem, nnx.state(m, carried)), y
 
   feats0 = jnp.zeros((bn, t, h, h, mcfg.mem_dim), mem_dtype)
   ptrs0 = jnp.zeros((bn, t, mcfg.d_model), jnp.float32)

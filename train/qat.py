@@ -567,7 +567,7 @@ def _report_zero_grads(out: str, step: int, names, zero: np.ndarray, log) -> Non
   from qsam2_jax.files import write_json
   dead = [n for n, z in zip(names, zero) if z]
   write_json(os.path.join(out, "logs", "zero_grad_factors.json"),
-             {"step": step, "factors": len(names), "zero_gradient": dead})
+             {"step": step, "factors": list(names), "zero_gradient": dead})
   if dead:
     log(f"first clip step: {len(dead)} of {len(names)} clip factors got no gradient (e.g. "
         f"{', '.join(dead[:5])}); see logs/zero_grad_factors.json")
