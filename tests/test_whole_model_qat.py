@@ -17,6 +17,7 @@ import pytest
 from flax import nnx
 
 from qsam2_jax.errors import UserError
+from qsam2_jax.model import layers
 from qsam2_jax.quant import QLinear, make_rule, quantize_model, set_mode
 from qsam2_jax.quant.calibration import require_calibrated, unseen_quantizers
 from train import clip_step, qat
@@ -75,8 +76,8 @@ def test_calibration_plan_covers_every_prompt_kind():
 
 class _Two(nnx.Module):
   def __init__(self):
-    self.used = nnx.Linear(4, 4, rngs=nnx.Rngs(0))
-    self.unused = nnx.Linear(4, 4, rngs=nnx.Rngs(1))
+    self.used = layers.Linear(4, 4, rngs=nnx.Rngs(0))
+    self.unused = layers.Linear(4, 4, rngs=nnx.Rngs(1))
 
 
 def test_a_quantizer_without_data_is_an_error_naming_it():
