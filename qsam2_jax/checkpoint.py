@@ -274,8 +274,8 @@ def load_with_meta(path: str | os.PathLike, *, config: Optional[str] = None, dty
 def load_sam2(path: str | os.PathLike, *, config: Optional[str] = None, dtype=None,
               image_size: Optional[int] = None, step: Optional[int] = None,
               float_only: Optional[str] = None,
-              sharding: Optional[Callable[[jax.ShapeDtypeStruct], Any]] = None
-              ) -> Tuple[SAM2Base, configs.SAM2Config]:
+              sharding: Optional[Callable[[jax.ShapeDtypeStruct], Any]] = None,
+              keep_packed: bool = False) -> Tuple[SAM2Base, configs.SAM2Config]:
   """Loads an official `.pt` file, a packed low-bit file or an Orbax directory of this project.
 
   The one loader: every command and the predictors load through it.
@@ -290,7 +290,16 @@ def load_sam2(path: str | os.PathLike, *, config: Optional[str] = None, dtype=No
     float_only: refuse a quantized checkpoint (packed or Orbax); the text names what needs a
       float one, e.g. "train.qat --init" -> "... train.qat --init needs a float checkpoint".
     sharding: leaf -> sharding of an Orbax restore (default: the first local device).
+    keep_packed: `path` must be a packed file, whose kernels then stay packed in memory
+      (codes dequantized inside the jitted forward, `qsam2_jax.quant.packed_model`).
   """
+  if keep_packed:
+    from qsam2_jax.quant import packed_file
+    from qsam2_jax.quant.packed_model import load_packed
+    if not packed_file.is_packed_file(path):
+      raise UserError(f"keep_packed=True needs a packed low-bit file (convert.to_torch "
+                      f"--packed), got {os.fspath(path)}")
+    return load_packed(path, config=config, dtype=dtype, image_size=image_size)
   model, cfg, _ = _load(path, config=config, dtype=dtype, image_size=image_size, step=step,
                         float_only=float_only, sharding=sharding)
   return model, cfg

@@ -60,19 +60,6 @@ def to_rgb_uint8(image: Any) -> np.ndarray:
   return np.ascontiguousarray(image[:, :, :3])
 
 
-def load_model(path: str | os.PathLike, *, config: Optional[str] = None, dtype=None,
-               image_size: Optional[int] = None, keep_packed: bool = False) -> SAM2Base:
-  """`load_sam2`, or with `keep_packed` a packed file whose kernels stay packed in memory."""
-  if keep_packed:
-    from qsam2_jax.quant import packed_file
-    from qsam2_jax.quant.packed_model import load_packed
-    if not packed_file.is_packed_file(path):
-      raise UserError(f"keep_packed=True needs a packed low-bit file (convert.to_torch "
-                      f"--packed), got {os.fspath(path)}")
-    return load_packed(path, config=config, dtype=dtype, image_size=image_size)[0]
-  return load_sam2(path, config=config, dtype=dtype, image_size=image_size)[0]
-
-
 class ImagePredictor:
   """Segment an image from point, box and mask prompts (mirrors `SAM2ImagePredictor`)."""
 
@@ -100,8 +87,8 @@ class ImagePredictor:
     `keep_packed`: a packed low-bit file stays packed in memory (codes dequantized inside the
     jitted forward, `qsam2_jax.quant.packed_model`).
     """
-    return cls(load_model(path, config=config, dtype=dtype, image_size=image_size,
-                          keep_packed=keep_packed))
+    return cls(load_sam2(path, config=config, dtype=dtype, image_size=image_size,
+                         keep_packed=keep_packed)[0])
 
   # ------------------------------------------------------------------------------ jitted parts
 

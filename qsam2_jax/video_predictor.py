@@ -31,6 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from qsam2_jax.checkpoint import load_sam2
 from qsam2_jax.errors import UserError
 from qsam2_jax.model import tracking
 from qsam2_jax.model.configs import SAM2Config
@@ -170,9 +171,8 @@ class VideoPredictor:
 
     `keep_packed`: a packed low-bit file stays packed in memory (`ImagePredictor`'s option).
     """
-    from qsam2_jax.predictor import load_model
-    return cls(load_model(path, config=config, dtype=dtype, image_size=image_size,
-                          keep_packed=keep_packed), **options)
+    return cls(load_sam2(path, config=config, dtype=dtype, image_size=image_size,
+                         keep_packed=keep_packed)[0], **options)
 
   # ---------------------------------------------------------------------------- jitted parts
 
