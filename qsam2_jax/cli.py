@@ -93,6 +93,14 @@ def short_dtype_name(text: str) -> str:
   return SHORT_DTYPE[dtype_name(text)]
 
 
+def short_dtype_list(text: str) -> list[str]:
+  """`--dtypes fp32,bfloat16`: a comma-separated list of `short_dtype_name`s."""
+  names = [t.strip() for t in text.split(",") if t.strip()]
+  if not names:
+    raise argparse.ArgumentTypeError(f"expected a comma-separated list of dtypes, got {text!r}")
+  return [short_dtype_name(t) for t in names]
+
+
 def compute_dtype(name: str):
   """The JAX compute dtype of a `--dtype` value (None = float32, the parameters' dtype)."""
   import jax.numpy as jnp

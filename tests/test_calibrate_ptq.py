@@ -19,7 +19,7 @@ import pytest
 
 from qsam2_jax import checkpoint
 from qsam2_jax.quant import QLinear
-from qsam2_jax.quant.calibration import model_fingerprint
+from qsam2_jax.quant.measure import model_fingerprint
 from train import calibrate as calibrate_cli
 from train import ptq as ptq_cli
 

@@ -137,7 +137,8 @@ def run(args: argparse.Namespace) -> CalibrateResult:
   from flax import nnx
 
   from qsam2_jax import checkpoint
-  from qsam2_jax.quant.calibration import output_errors, run_vrc, write_vrc_report
+  from qsam2_jax.quant.calibration import run_vrc, write_vrc_report
+  from qsam2_jax.quant.measure import output_errors
   from qsam2_jax.quant.rules import ENCODER_LINEARS
   from qsam2_jax.quant.vrc import DEFAULT_LAM0
 

@@ -71,13 +71,8 @@ def run(args: argparse.Namespace) -> PTQResult:
   from flax import nnx
 
   from qsam2_jax import checkpoint
-  from qsam2_jax.quant.calibration import (
-    output_errors,
-    ptq,
-    run_vrc,
-    split_method,
-    write_vrc_report,
-  )
+  from qsam2_jax.quant.calibration import ptq, run_vrc, split_method, write_vrc_report
+  from qsam2_jax.quant.measure import output_errors
   from qsam2_jax.quant.recipe import BITS, QuantRecipe
   from qsam2_jax.quant.vrc import DEFAULT_LAM0
 
