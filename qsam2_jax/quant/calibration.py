@@ -25,6 +25,7 @@ import dataclasses
 import logging
 import math
 import os
+import re
 import time
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
@@ -67,9 +68,10 @@ _FLOAT = (layers.Linear, layers.Conv, layers.ConvTranspose2x2)
 # ------------------------------------------------------------------------------ inputs
 
 
-def calibration_images(data: str, num_images: int, image_size: int, seed: int = 0, *,
+def calibration_images(data: Any, num_images: int, image_size: int, seed: int = 0, *,
                        start: int = 0) -> np.ndarray:
-  """(N, S, S, 3) float32 images from a COCO / SA-1B folder, preprocessed as SAM2 does.
+  """(N, S, S, 3) float32 images from a COCO / SA-1B path (or its opened reader,
+  `data.coco.open_source`), preprocessed as SAM2 does.
 
   Square bilinear resize to `image_size` and ImageNet normalization (`data.transforms`). The
   images are positions `start .. start + num_images` of a seeded permutation of the dataset, so
@@ -79,7 +81,7 @@ def calibration_images(data: str, num_images: int, image_size: int, seed: int = 
     raise UserError("calibration_images needs a dataset path (COCO JSON/folder or SA-1B folder)")
   if num_images < 1:
     raise UserError(f"the number of calibration images must be at least 1, got {num_images}")
-  src = open_source(data)
+  src = open_source(data) if isinstance(data, (str, os.PathLike)) else data
   if start + num_images > len(src):
     raise UserError(f"{describe(src)}: {num_images} images requested"
                     + (f" after the first {start}" if start else "")
@@ -187,6 +189,32 @@ def default_sweep_layer(cfg) -> str:
   For b+ (stages 2, 3, 16, 3) that is `blocks.21`, the paper's choice; for t, `blocks.10`.
   """
   return f"image_encoder.trunk.blocks.{cfg.hiera.stage_ends[-2] + 1}.mlp.layers.1"
+
+
+def vrc_layer_names(cfg, pattern: str = ENCODER_LINEARS) -> List[str]:
+  """The layers `run_vrc` re-fits in a model of `cfg`, in order (from shapes only: no weight
+  is built, so a command checks names before loading anything)."""
+  from qsam2_jax.model.sam2 import abstract_sam2
+  return [module_path(p) for p, _ in find_layers(abstract_sam2(cfg), (layers.Linear,), pattern)]
+
+
+def _check_sweep_layer(name: str, names: Sequence[str], cfg, flag: str = "sweep layer") -> None:
+  if name in names:
+    return
+  blocks = sorted({int(m.group(1)) for n in names
+                   if (m := re.match(r"image_encoder\.trunk\.blocks\.(\d+)\.", n))})
+  span = f"blocks.0-{blocks[-1]}" if blocks else "blocks"
+  raise UserError(f"{flag} {name!r} is not a VRC layer of {cfg.name}: expected "
+                  f"image_encoder.trunk.<{span}>."
+                  "<attn.qkv|attn.proj|mlp.layers.0|mlp.layers.1|proj>, "
+                  f"e.g. {default_sweep_layer(cfg)}")
+
+
+def check_sweep_layer(name: Optional[str], cfg, flag: str = "sweep layer") -> None:
+  """Refuses a `sweep_layer` for `run_vrc` that a model of `cfg` does not have ("" / None: ok);
+  `flag` names it in the message (e.g. "--sweep-layer")."""
+  if name:
+    _check_sweep_layer(name, vrc_layer_names(cfg), cfg, flag)
 
 
 @dataclasses.dataclass
@@ -310,6 +338,8 @@ def run_vrc(model: nnx.Module, images: np.ndarray, *,
   t = time.perf_counter()
   commit_state(model)
   order = [module_path(p) for p, _ in find_layers(model, (layers.Linear,), pattern)]
+  if sweep_layer:
+    _check_sweep_layer(sweep_layer, order, model.cfg)
   acc = collect_grams(model, pattern, _trunk_jit,
                       _progress(batches(images, batch_size, None), "VRC: Gram matrices",
                                 progress), jit=False)
@@ -337,9 +367,7 @@ def run_vrc(model: nnx.Module, images: np.ndarray, *,
   if layer in before:
     sweep = lambda_sweep(before[layer], grams[layer], sweep_lam0s, bits=sweep_bits,
                          lam_mode=lam_mode)
-  elif sweep_layer and sweep_layer not in grams:
-    raise UserError(f"sweep layer {sweep_layer} is not among the re-fitted layers")
-  else:
+  else:   # no sweep, or the sweep layer was left unchanged (too few input rows)
     layer = None
   seconds["sweep"] = time.perf_counter() - t
   return VRCResult(reports, block_std_reduction(reports), lam0, lam_mode, bits, len(images),
