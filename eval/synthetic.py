@@ -13,9 +13,13 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from qsam2_jax import preflight
 from qsam2_jax.cli import ArgumentParser, nonnegative_int, positive_int
 from qsam2_jax.data import synthetic
 from qsam2_jax.errors import UserError, report_user_errors
+
+# What a dataset of ours holds (a folder holding neither is never replaced by --overwrite).
+DATASET_MARKERS = ("annotations.json", "JPEGImages")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -67,8 +71,14 @@ def main(argv: Sequence[str] | None = None) -> int:
   out_dir = Path(args.out)
   if out_dir.exists() and not out_dir.is_dir():
     raise UserError(f"--out {out_dir} exists and is not a directory")
-  if out_dir.is_dir() and any(out_dir.iterdir()) and not args.overwrite:
-    raise UserError(f"--out {out_dir} exists and is not empty (add --overwrite to replace it)")
+  if out_dir.is_dir() and any(out_dir.iterdir()):
+    if not args.overwrite:
+      raise UserError(f"--out {out_dir} exists and is not empty (add --overwrite to replace it)")
+    if not any((out_dir / m).exists() for m in DATASET_MARKERS):
+      raise UserError(f"--out {out_dir} is not a synthetic dataset of this project (no "
+                      f"{' or '.join(DATASET_MARKERS)}); --overwrite would delete it: give a new "
+                      "or empty folder")
+  preflight.probe_writable(out_dir, "--out")
   total = args.images if args.kind == "images" else args.videos
   bar = tqdm(total=total, unit="image" if args.kind == "images" else "video",
              disable=args.quiet, desc=f"synthetic {args.kind}")
