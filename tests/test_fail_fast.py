@@ -398,3 +398,24 @@ def test_prompts_outside_the_image_are_kept_as_given(predictors, monkeypatch):
   np.testing.assert_allclose(coords[0], expected, rtol=1e-6)
   np.testing.assert_allclose(seen["points"][0][0], expected, rtol=1e-6)
   np.testing.assert_array_equal(labels[0], seen["points"][1][0])   # [2, 3, 1] in both
+
+
+def test_qat_removes_a_fresh_run_that_fails_before_its_first_checkpoint(tmp_path, monkeypatch,
+                                                                       capsys):
+  """What train.qat writes before its first checkpoint (logs, VRC report) goes when it fails;
+  a folder the user made (empty) stays, emptied. The training itself is a stand-in here."""
+  from qsam2_jax.errors import UserError
+
+  def failing_run(cfg, out, *args):
+    os.makedirs(os.path.join(out, "logs"))
+    with open(os.path.join(out, "logs", "metrics.jsonl"), "w") as f:
+      f.write("{}\n")
+    raise UserError("--data stand-in: an image that cannot be read")
+
+  monkeypatch.setattr(qat, "_run", failing_run)
+  monkeypatch.chdir(tmp_path)
+  (tmp_path / "empty").mkdir()
+  for out, remains in ((tmp_path / "new", None), (tmp_path / "empty", [])):
+    assert qat.main(["--out", str(out), "--batch-size", "8", "--eval-batch-size", "8"]) == 2
+    assert "stand-in" in capsys.readouterr().err
+    assert (sorted(os.listdir(out)) if out.exists() else None) == remains

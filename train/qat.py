@@ -308,6 +308,7 @@ def run(cfg: TrainConfig, given: Optional[Dict[str, Any]] = None) -> RunResult:
   elif cfg.val_data and cfg.eval_images:
     from qsam2_jax.data import coco
     coco.open_source(cfg.val_data)
+  was_empty_dir = os.path.isdir(out) and not holds_run   # the user's own empty folder stays
   if holds_run and not cfg.resume and is_main:   # --overwrite, now that the inputs are good
     shutil.rmtree(out)
   if nproc > 1:
@@ -319,7 +320,15 @@ def run(cfg: TrainConfig, given: Optional[Dict[str, Any]] = None) -> RunResult:
     from qsam2_jax import preflight
     if meta_saved is None and is_main and os.path.isdir(out) and (
         not preflight.is_checkpoint_dir(out)):
-      shutil.rmtree(out, ignore_errors=True)
+      if not was_empty_dir:
+        shutil.rmtree(out, ignore_errors=True)
+      else:
+        for name in os.listdir(out):
+          path = os.path.join(out, name)
+          if os.path.isdir(path):
+            shutil.rmtree(path, ignore_errors=True)
+          else:
+            os.remove(path)
     raise
 
 
