@@ -22,7 +22,7 @@ from qsam2_jax.files import atomic_path
 from qsam2_jax.model import configs
 from qsam2_jax.model.overrides import apply_overrides, config_overrides
 from qsam2_jax.model.sam2 import SAM2Base, abstract_sam2
-from qsam2_jax.torch_format import NotACheckpointError, read_pt
+from qsam2_jax.torch_format import NotACheckpointError, open_pt, read_pt
 
 FORMAT = "qsam2-jax"
 _PATCH_KEY = "image_encoder.trunk.patch_embed.proj.weight"
@@ -251,6 +251,35 @@ def describe(path: str | os.PathLike, step: Optional[int] = None) -> Dict[str, A
   if "source" in meta and os.path.isdir(path):
     meta["origin"] = meta["source"]
   meta["source"] = os.path.abspath(path)
+  return meta
+
+
+def check(path: str | os.PathLike, flag: Optional[str] = None, *, step: Optional[int] = None,
+          float_only: Optional[str] = None) -> Dict[str, Any]:
+  """What `load_sam2(path)` would load (`describe`), checked without loading any weight.
+
+  A missing path, a folder that is no checkpoint, a file that is neither a packed file nor a
+  `torch.save` zip (a text file, a truncated file), a missing step, or a quantized checkpoint
+  where `float_only` asks for a float one: a `CheckpointError` / `NotACheckpointError` naming
+  `flag` and the path.
+  """
+  from qsam2_jax.quant import packed_file
+  p = os.fspath(path)
+  name = f"{flag} {p}" if flag else p
+  if not os.path.exists(p):
+    raise CheckpointError(f"{name}: checkpoint not found")
+  if os.path.isdir(p):
+    if not any(n.isdigit() for n in os.listdir(p)):
+      raise CheckpointError(f"{name}: a folder but not a checkpoint of this project (no Orbax "
+                            "checkpoint steps <step>/ in it; convert an official .pt with "
+                            "convert.from_torch)")
+    meta = describe(p, step)
+  elif packed_file.is_packed_file(p):
+    meta = describe(p)
+  else:
+    open_pt(p, flag or "").close()
+    meta = {"kind": "fp", "source": os.path.abspath(p)}
+  _check_float(meta, name, float_only)
   return meta
 
 
