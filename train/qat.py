@@ -300,11 +300,7 @@ def run(cfg: TrainConfig, given: Optional[Dict[str, Any]] = None) -> RunResult:
     cfg, meta_saved = _resume_config(cfg, given or {}, out)
   mesh = parallel.make_mesh(cfg.mesh)
   ndev, nproc = mesh.size, jax.process_count()
-  eval_bs = cfg.eval_batch_size or cfg.batch_size
-  for name, b in (("--batch-size", cfg.batch_size), ("--eval-batch-size", eval_bs)):
-    if b % ndev or b % nproc:
-      raise UserError(f"{name} {b} must be a multiple of the number of devices ({ndev}) and "
-                      f"processes ({nproc})")
+  cfg.batch_sizes(ndev, nproc)  # a batch flag that does not fit the mesh names sizes that would
   if meta_saved is None and cfg.init:
     checkpoint.check(cfg.init, "--init", float_only="train.qat --init")
   sources = None
