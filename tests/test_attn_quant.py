@@ -131,9 +131,30 @@ def _calibrated(recipe, images):
   return model
 
 
+def test_sixteen_bits_is_the_linear_only_model_bitwise(images):
+  """`--attn-bits 16 --softmax-bits 16` builds the linear-only model: same graph, same
+  outputs bit for bit through one jitted program (training mode: quantizers on batch
+  statistics, so no calibration compile is needed)."""
+  model = build_sam2(tiny_config(), seed=0)
+  _, report = QuantRecipe(bits=4, attn_bits=16, softmax_bits=16).apply(model)
+  slots = _slots(model)
+  assert slots and not report.slots
+  assert all(type(s) is layers.QuantSlot for s in slots.values())
+  # The linear-only model as before slots existed: the same layer rules, no slot rules.
+  ref = build_sam2(tiny_config(), seed=0)
+  _, ref_report = quantize_model(ref, [x for x in QuantRecipe(bits=4).rules()
+                                       if "_quant" not in x.pattern])
+  assert ref_report.layers == report.layers and not ref_report.slots
+  assert nnx.graphdef(ref) == nnx.graphdef(model)
+  batch = batches(images, 4)[0]
+  a, b = _outputs(model, *batch), _outputs(ref, *batch)
+  for key in a:
+    np.testing.assert_array_equal(np.asarray(a[key]), np.asarray(b[key]), err_msg=key)
+
+
 @pytest.fixture(scope="module")
 def linear_only(images):
-  """W8A8 paper preset with float attention products (slots identity)."""
+  """W8A8 paper preset with float attention products (slots identity), calibrated."""
   return _calibrated(QuantRecipe(bits=8, attn_bits=16, softmax_bits=16), images)
 
 
@@ -142,22 +163,7 @@ def attn8(images):
   return _calibrated(QuantRecipe(bits=8), images)
 
 
-def test_sixteen_bits_is_the_linear_only_model_bitwise(linear_only, images):
-  slots = _slots(linear_only)
-  assert slots and all(type(s) is layers.QuantSlot for s in slots.values())
-  # The linear-only model as it was before slots had rules: the same layers, no slot rules.
-  r = QuantRecipe(bits=8)
-  rules = [x for x in r.rules() if "_quant" not in x.pattern]
-  ref = build_sam2(tiny_config(), seed=0)
-  quantize_model(ref, rules)
-  calibrate_ranges(ref, images, batch_size=2, progress=False)
-  assert nnx.graphdef(ref) == nnx.graphdef(linear_only)
-  batch = batches(images, 4)[0]
-  a, b = _outputs(linear_only, *batch), _outputs(ref, *batch)
-  for key in a:
-    np.testing.assert_array_equal(np.asarray(a[key]), np.asarray(b[key]), err_msg=key)
-
-
+@pytest.mark.slow
 def test_eight_bit_attention_products_small_error(linear_only, attn8, images):
   slots = _slots(attn8)
   image_path = {k: s for k, s in slots.items() if not k.startswith("memory_attention")}
@@ -169,7 +175,7 @@ def test_eight_bit_attention_products_small_error(linear_only, attn8, images):
       k for k, s in image_path.items() if int(s.count[...]) == 0]
   batch = batches(images, 4)[0]
   fp = build_sam2(tiny_config(), seed=0)
-  ref = {k: np.asarray(v) for k, v in model_outputs(fp, *batch).items()}
+  ref = {k: np.asarray(v) for k, v in _outputs(fp, *batch).items()}
   lin = {k: np.asarray(v) for k, v in _outputs(linear_only, *batch).items()}
   got = {k: np.asarray(v) for k, v in _outputs(attn8, *batch).items()}
 
@@ -184,6 +190,7 @@ def test_eight_bit_attention_products_small_error(linear_only, attn8, images):
     assert e_all > 0 and e_all <= max(3 * e_lin, 1e-3) and e_all < 0.05
 
 
+@pytest.mark.slow
 def test_checkpoint_and_packed_file_restore_the_slots(attn8, images, tmp_path):
   cfg = tiny_config()
   recipe = QuantRecipe(bits=8)
@@ -214,7 +221,7 @@ def test_checkpoint_and_packed_file_restore_the_slots(attn8, images, tmp_path):
   model, _ = packed_file.load(packed)
   assert {k: (type(s), s.spec) for k, s in _slots(model).items()} == {
       k: (type(s), s.spec) for k, s in want.items()}
-  c = model_outputs(model, *batch)
+  c = _outputs(model, *batch)
   for key in a:
     np.testing.assert_allclose(np.asarray(c[key]), np.asarray(a[key]), rtol=1e-5, atol=1e-5,
                                err_msg=key)

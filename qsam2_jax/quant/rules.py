@@ -211,8 +211,9 @@ def quantize_model(model: nnx.Module, rules: Sequence[QuantRule]
   The quantized layers own the original kernel/bias Params (no copy), so the returned model is
   `model` itself: `nnx.clone` it first to keep a float teacher. Weight factors are initialized
   by an MSE search on the current kernels (run VRC before this, or `calibrate` after it).
-  Quantizers start in train mode (`set_mode`). Identity `QuantSlot`s of the model whose
-  path a rule with an input spec matches become that input quantizer (reported in `slots`).
+  Quantizers start in train mode (`set_mode`). Identity `QuantSlot`s of the model become the
+  input quantizer of the first weightless rule matching their path (reported in `slots`);
+  unmatched slots stay the identity.
   """
   compiled = [(re.compile(r.pattern), r) for r in rules]
   used = [0] * len(rules)
@@ -222,14 +223,16 @@ def quantize_model(model: nnx.Module, rules: Sequence[QuantRule]
     if isinstance(layer, QUANT_LAYER_TYPES):
       continue
     name = module_path(path)
+    slot = isinstance(layer, QuantSlot)
     rule = None
     for i, (rx, r) in enumerate(compiled):
-      if rx.fullmatch(name):
+      # A slot has no weight: only rules without a weight side (input-only or exclusion
+      # rules, `slot_rules`) apply to it, so a layer catch-all never quantizes one.
+      if (not slot or r.weight is None) and rx.fullmatch(name):
         used[i] += 1
         rule = r
         break
-    if isinstance(layer, QuantSlot):
-      # A slot has no weight: only the rule's input side applies; unmatched slots stay float.
+    if slot:
       quantizer = make_quantizer(rule and rule.act)
       if quantizer is not None:
         set_child(model, path, quantizer)
