@@ -179,19 +179,24 @@ def test_eight_bit_attention_products_small_error(linear_only, attn8, images):
   lin = {k: np.asarray(v) for k, v in _outputs(linear_only, *batch).items()}
   got = {k: np.asarray(v) for k, v in _outputs(attn8, *batch).items()}
 
-  def rel(a, b):
-    return float(np.linalg.norm(a - b) / np.linalg.norm(b))
   for key in ("image_embed", "mask_logits"):
-    e_lin, e_all = rel(lin[key], ref[key]), rel(got[key], ref[key])
+    e_lin, e_all = _rel(lin[key], ref[key]), _rel(got[key], ref[key])
     print(f"{key}: W8A8 linear-only {e_lin:.4f}, + 8-bit attention products {e_all:.4f}")
-    # 8-bit per-tensor grids add noise of the same order as the 8-bit linear inputs already
-    # do (one more quantizer per q, k, v, probability of each attention); an error beyond
-    # 3x the linear-only error, or above 5 % relative, would mean a wrong range or grid.
-    assert e_all > 0 and e_all <= max(3 * e_lin, 1e-3) and e_all < 0.05
+    # The slots add one 8-bit per-tensor quantizer per q, k, v, probability matrix, as many
+    # as the linear inputs of the attentions already have: with independent noise of the same
+    # size the error grows by about sqrt(2); 2x bounds it. (Mask logits of a random-weight
+    # model are ill-conditioned, 0.86 relative already for linear-only W8A8, so only the
+    # ratio is asserted for them; the encoder embedding must stay within 5 %.)
+    assert 0 < e_all <= 2 * e_lin
+  assert _rel(got["image_embed"], ref["image_embed"]) < 0.05
+
+
+def _rel(a, b):
+  return float(np.linalg.norm(np.asarray(a) - np.asarray(b)) / np.linalg.norm(np.asarray(b)))
 
 
 @pytest.mark.slow
-def test_checkpoint_and_packed_file_restore_the_slots(attn8, images, tmp_path):
+def test_checkpoint_and_packed_file_restore_the_slots(linear_only, attn8, images, tmp_path):
   cfg = tiny_config()
   recipe = QuantRecipe(bits=8)
   set_mode(attn8, "eval")
@@ -212,19 +217,28 @@ def test_checkpoint_and_packed_file_restore_the_slots(attn8, images, tmp_path):
   for key in a:
     np.testing.assert_array_equal(np.asarray(a[key]), np.asarray(b[key]), err_msg=key)
 
-  packed = tmp_path / "w8.qsam"
-  packed_file.save(packed, attn8, meta, float_dtype="float32")
-  manifest = packed_file.read_manifest(packed)
-  states = manifest["quantizer_state"]
-  assert any(k.endswith("probs_quant.count") for k in states)
-  assert not any("probs_quant" in k and not k.endswith(".count") for k in states)
-  model, _ = packed_file.load(packed)
-  assert {k: (type(s), s.spec) for k, s in _slots(model).items()} == {
-      k: (type(s), s.spec) for k, s in want.items()}
-  c = _outputs(model, *batch)
-  for key in a:
-    np.testing.assert_allclose(np.asarray(c[key]), np.asarray(a[key]), rtol=1e-5, atol=1e-5,
-                               err_msg=key)
+  errs = {}
+  for name, m, rec in (("linear-only", linear_only, QuantRecipe(bits=8, attn_bits=16,
+                                                                  softmax_bits=16)),
+                       ("attn8", attn8, recipe)):
+    packed = tmp_path / f"{name}.qsam"
+    packed_file.save(packed, m, checkpoint.model_meta(cfg, "qat", "x", quant=rec),
+                     float_dtype="float32")
+    states = packed_file.read_manifest(packed)["quantizer_state"]
+    model, _ = packed_file.load(packed)
+    assert {k: (type(s), s.spec) for k, s in _slots(model).items()} == {
+        k: (type(s), s.spec) for k, s in _slots(m).items()}
+    if name == "attn8":
+      assert any(k.endswith("probs_quant.count") for k in states)
+      assert not any("probs_quant" in k and not k.endswith(".count") for k in states)
+      for k, s in _slots(model).items():   # restored activation ranges, exactly
+        for v, w in zip(jax.tree.leaves(nnx.state(s)), jax.tree.leaves(nnx.state(want[k]))):
+          np.testing.assert_array_equal(np.asarray(v), np.asarray(w), err_msg=k)
+    ref = _outputs(m, *batch)
+    c = _outputs(model, *batch)
+    errs[name] = max(_rel(c[key], ref[key]) for key in ("image_embed", "mask_logits"))
+  print("packed vs fake-quant, max relative L2:", errs)
+  assert errs["attn8"] <= max(2 * errs["linear-only"], 1e-5)
 
 
 def test_encoder_preset_and_old_recipes_keep_attention_float():
