@@ -238,6 +238,9 @@ def test_checkpoint_and_packed_file_restore_the_slots(linear_only, attn8, images
     c = _outputs(model, *batch)
     errs[name] = max(_rel(c[key], ref[key]) for key in ("image_embed", "mask_logits"))
   print("packed vs fake-quant, max relative L2:", errs)
+  # Measured: packed W8A8 files do not reproduce the fake-quant forward even without slots
+  # (image_embed ~1 %, random-weight mask logits ~100 % relative), cause not yet found; the
+  # slots' state restores exactly (above) and adds nothing beyond that pre-existing gap.
   assert errs["attn8"] <= max(2 * errs["linear-only"], 1e-5)
 
 
