@@ -26,7 +26,7 @@ from typing import Callable, Dict, List, Optional, Sequence
 
 from benchmarks.report import emit
 from benchmarks.timing import alternate, loop_seconds, median_ratio, setup_device, torch_device
-from qsam2_jax.cli import ArgumentParser
+from qsam2_jax.cli import ArgumentParser, short_dtype_list
 
 # FLOPs per image at 1024² from the issue (2 per multiply-add, window padding included).
 GFLOPS_1024 = {"t": 290.8, "b+": 645.1, "l": 1821.2}
@@ -105,7 +105,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                               formatter_class=argparse.RawDescriptionHelpFormatter)
   p.add_argument("--sizes", default="t,b+,l")
   p.add_argument("--batches", default="1,8")
-  p.add_argument("--dtypes", default="fp32,bf16")
+  p.add_argument("--dtypes", type=short_dtype_list, default="fp32,bf16")
   p.add_argument("--image-size", type=int, default=1024)
   p.add_argument("--iters", type=int, default=10)
   p.add_argument("--repeats", type=int, default=3, help="alternating timed rounds")
@@ -122,7 +122,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
 def main(argv: Optional[Sequence[str]] = None) -> int:
   args = parse_args(argv)
   setup = setup_device(args.device, args.threads)
-  sizes, dtypes = args.sizes.split(","), args.dtypes.split(",")
+  sizes, dtypes = args.sizes.split(","), args.dtypes
   batches = [int(b) for b in args.batches.split(",")]
   impls = args.impls.split(",")
   refs = [i for i in impls if i != "jax"] if "jax" in impls else []

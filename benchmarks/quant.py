@@ -29,7 +29,7 @@ from typing import Dict, List, Optional, Sequence
 
 from benchmarks.report import emit
 from benchmarks.timing import median_seconds
-from qsam2_jax.cli import ArgumentParser
+from qsam2_jax.cli import ArgumentParser, short_dtype_name
 
 
 def environment() -> Dict[str, str]:
@@ -108,7 +108,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
   p.add_argument("--vrc-batch", type=int, default=4, help="images per VRC Gram forward")
   p.add_argument("--bits", type=int, default=2, help="target weight bits of auto-lambda")
   p.add_argument("--batch", type=int, default=8, help="forward batch")
-  p.add_argument("--dtype", choices=("bf16", "fp32"), default="bf16")
+  p.add_argument("--dtype", type=short_dtype_name, default="bf16")
   p.add_argument("--qbits", type=int, default=2, help="W/A bits of the fake-quant model")
   p.add_argument("--method", default="lsc", help="quantizer method of the fake-quant model")
   p.add_argument("--iters", type=int, default=10)

@@ -39,7 +39,7 @@ from benchmarks.image_encoder import GFLOPS_1024
 from benchmarks.quant import environment
 from benchmarks.report import emit
 from benchmarks.timing import median_seconds
-from qsam2_jax.cli import ArgumentParser
+from qsam2_jax.cli import ArgumentParser, short_dtype_name
 
 # (device_kind substring, bf16 peak, fp32 peak) in FLOP/s, dense, per device; first match wins.
 PEAKS = (("H100 PCIe", 756e12, 51e12), ("H100", 989e12, 67e12), ("H200", 989e12, 67e12),
@@ -201,7 +201,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
   p.add_argument("--methods", default="fp,qsam2", help="comma list of train.config METHODS")
   p.add_argument("--bits", type=int, default=2, help="W/A bits of the quantized methods")
   p.add_argument("--image-size", type=int, default=1024)
-  p.add_argument("--dtype", choices=("bf16", "fp32"), default="bf16", help="compute dtype")
+  p.add_argument("--dtype", type=short_dtype_name, default="bf16", help="compute dtype")
   p.add_argument("--batches", default="auto",
                  help="'auto' (double until out of memory) or a comma list of global batches")
   p.add_argument("--max-batch", type=int, default=1024, help="auto: stop doubling here")

@@ -48,7 +48,7 @@ os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
 
 import numpy as np  # noqa: E402
 
-from qsam2_jax.cli import ArgumentParser
+from qsam2_jax.cli import ArgumentParser, short_dtype_list
 
 IMPLS = ("jax", "torch", "torch-vos")
 
@@ -211,7 +211,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                               formatter_class=argparse.RawDescriptionHelpFormatter)
   p.add_argument("--sizes", default="t,b+", help="comma list of t, s, b+, l")
   p.add_argument("--objects", default="1,3", help="comma list of object counts")
-  p.add_argument("--dtypes", default="fp32,bf16")
+  p.add_argument("--dtypes", type=short_dtype_list, default="fp32,bf16")
   p.add_argument("--impls", default="jax,torch", help=f"comma list of {', '.join(IMPLS)}")
   p.add_argument("--image-size", type=int, default=1024)
   p.add_argument("--frames", type=int, default=32)
@@ -253,7 +253,7 @@ def _table(rows: List[Dict[str, Any]], args: argparse.Namespace, sizes: Sequence
 def main(argv: Optional[Sequence[str]] = None) -> int:
   args = parse_args(argv)
   setup = setup_device(args.device, args.threads)
-  sizes, dtypes, impls = args.sizes.split(","), args.dtypes.split(","), args.impls.split(",")
+  sizes, dtypes, impls = args.sizes.split(","), args.dtypes, args.impls.split(",")
   objects = [int(k) for k in args.objects.split(",")]
   unknown = sorted(set(impls) - set(IMPLS))
   if unknown:

@@ -14,20 +14,17 @@ from typing import Dict, Optional, Sequence
 
 import numpy as np
 
-from qsam2_jax import checkpoint
-from qsam2_jax.cli import ArgumentParser
+from qsam2_jax import checkpoint, preflight
+from qsam2_jax.cli import ArgumentParser, image_size
 from qsam2_jax.errors import report_user_errors
 from qsam2_jax.model.configs import CONFIGS, get_config
-from qsam2_jax.torch_format import NotACheckpointError
+from qsam2_jax.torch_format import NotACheckpointError, open_pt
 
 
 def torch_load_state_dict(path: str) -> Dict[str, np.ndarray]:
   """Reads `{"model": state_dict}` with `torch.load(weights_only=True)` into numpy arrays."""
-  import os
-
   import torch
-  if not os.path.isfile(path):
-    raise FileNotFoundError(f"checkpoint not found: {path}")
+  open_pt(path).close()   # a clear word for a folder, a text file, a truncated file
   try:
     obj = torch.load(path, map_location="cpu", weights_only=True)
   except Exception as e:  # noqa: BLE001 - torch raises many types for a bad file
@@ -44,7 +41,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
   p.add_argument("--out", required=True, help="output Orbax checkpoint directory")
   p.add_argument("--config", choices=sorted(CONFIGS), default=None,
                  help="model config (default: detected from the checkpoint)")
-  p.add_argument("--image-size", type=int, default=None,
+  p.add_argument("--image-size", type=image_size, default=None,
                  help="model input size stored with the checkpoint (default 1024)")
   p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
   return p.parse_args(argv)
@@ -53,6 +50,9 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
 @report_user_errors
 def main(argv: Optional[Sequence[str]] = None) -> int:
   args = parse_args(argv)
+  open_pt(args.ckpt, "--ckpt").close()
+  preflight.output_dir(args.out, "--out", overwrite=args.overwrite, what="a checkpoint",
+                       empty_ok=False)
   sd = torch_load_state_dict(args.ckpt)
   cfg = (get_config(args.config, image_size=args.image_size) if args.config
          else checkpoint.detect_config(sd, args.ckpt, args.image_size))

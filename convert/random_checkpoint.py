@@ -4,8 +4,9 @@
 
 Official checkpoints cannot be downloaded here; demos and tests use these instead. Random init
 leaves many tensors constant (position tables at zero, LayerNorms at 1/0, layer scales at 1e-6);
-`--randomize-constants` (the default) replaces them with random values so that every path of the
-model is exercised, and shifts the object-score bias so random weights call objects present.
+by default they get random values so that every path of the model is exercised, and the
+object-score bias is shifted so random weights call objects present (`--no-randomize-constants`
+keeps PyTorch's init exactly).
 """
 
 from __future__ import annotations
@@ -15,8 +16,8 @@ import os
 import sys
 from typing import Any, Optional, Sequence
 
-from qsam2_jax import checkpoint
-from qsam2_jax.cli import ArgumentParser
+from qsam2_jax import checkpoint, preflight
+from qsam2_jax.cli import ArgumentParser, nonnegative_int
 from qsam2_jax.data.synthetic import DEFAULT_IMAGE_SIZE, cache_dir
 from qsam2_jax.errors import report_user_errors
 from qsam2_jax.model.configs import CONFIGS, SAM2Config, get_config
@@ -97,7 +98,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                               formatter_class=argparse.RawDescriptionHelpFormatter)
   p.add_argument("--config", choices=sorted(CONFIGS), default=DEFAULT_CONFIG)
   p.add_argument("--out", required=True, help="output .pt file")
-  p.add_argument("--seed", type=int, default=0)
+  p.add_argument("--seed", type=nonnegative_int, default=0)
   p.add_argument("--no-randomize-constants", dest="randomize", action="store_false",
                  help="keep PyTorch's init exactly (many tensors constant)")
   return p.parse_args(argv)
@@ -106,6 +107,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
 @report_user_errors
 def main(argv: Optional[Sequence[str]] = None) -> int:
   args = parse_args(argv)
+  preflight.output_file(args.out, "--out")
   cfg = get_config(args.config)
   model = build_torch_sam2(cfg, seed=args.seed, randomize=args.randomize)
   out = save_official(model, args.out)

@@ -1,7 +1,7 @@
 """Orbax checkpoint -> official PyTorch checkpoint (and the packed low-bit file).
 
   python -m convert.to_torch --ckpt ckpt/fp --out sam2.1_hiera_t.pt
-  python -m convert.to_torch --ckpt runs/w2a2 --out w2a2.pt --packed w2a2.qsam
+  python -m convert.to_torch --ckpt runs/w2a2 --out w2a2.pt --packed w2a2.qsam2
 
 `--out` writes `{"model": state_dict}` that `sam2.build_sam.build_sam2` loads strictly. For a
 quantized run every quantized weight is replaced by its fake-quantized value (what the model
@@ -21,7 +21,8 @@ import os
 import sys
 from typing import Optional, Sequence
 
-from qsam2_jax.cli import ArgumentParser
+from qsam2_jax import preflight
+from qsam2_jax.cli import ArgumentParser, nonnegative_int
 from qsam2_jax.errors import UserError, report_user_errors
 from qsam2_jax.files import atomic_path
 
@@ -43,7 +44,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
   p.add_argument("--out", default=None,
                  help="output .pt file (official format); required unless --packed is given")
   p.add_argument("--packed", default=None, help="also write the packed low-bit model here")
-  p.add_argument("--step", type=int, default=None, help="checkpoint step (default: latest)")
+  p.add_argument("--step", type=nonnegative_int, default=None,
+                 help="checkpoint step (default: latest)")
   p.add_argument("--float-dtype", default="auto",
                  choices=("auto", "bfloat16", "float16", "float32"),
                  help="storage of the packed file's floating-point rest (default: auto = "
@@ -57,7 +59,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
   args = parse_args(argv)
   if args.out is None and args.packed is None:
     raise UserError("nothing to write: give --out FILE.pt and/or --packed FILE")
-  from qsam2_jax.checkpoint import load_with_meta
+  from qsam2_jax.checkpoint import check, load_with_meta
   from qsam2_jax.quant import packed_file
   from qsam2_jax.quant.encode import dequantized_state_dict
   from qsam2_jax.quant.recipe import QuantRecipe
@@ -65,6 +67,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
   if args.packed is not None and packed_file.is_packed_file(args.ckpt):
     raise UserError(f"{args.ckpt} is already a packed file (its weights are dequantized once "
                     "loaded, so packing it again would store them as floats)")
+  check(args.ckpt, "--ckpt", step=args.step)
+  for flag, path in (("--out", args.out), ("--packed", args.packed)):
+    if path is not None:
+      preflight.output_file(path, flag)
+  if args.out is not None and args.packed is not None and (
+      os.path.abspath(args.out) == os.path.abspath(args.packed)):
+    raise UserError(f"--out and --packed name the same file {args.out}")
   model, meta = load_with_meta(args.ckpt, step=args.step)
   q = meta.get("quant")
   what = QuantRecipe.from_dict(q).label if q else "float"

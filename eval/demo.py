@@ -19,8 +19,10 @@ from typing import Optional, Sequence
 import numpy as np
 from PIL import Image
 
-from qsam2_jax.cli import ArgumentParser
+from qsam2_jax import preflight
+from qsam2_jax.cli import ArgumentParser, image_size, nonnegative_int
 from qsam2_jax.errors import report_user_errors
+from qsam2_jax.torch_format import open_pt
 
 
 def overlay(image: np.ndarray, mask: np.ndarray, box: Sequence[float]) -> Image.Image:
@@ -39,33 +41,39 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                               formatter_class=argparse.RawDescriptionHelpFormatter)
   p.add_argument("--ckpt", default=None, help="official .pt (default: a random SAM2.1-t)")
   p.add_argument("--out", default="demo_out", help="output folder")
-  p.add_argument("--image-size", type=int, default=512,
+  p.add_argument("--image-size", type=image_size, default=512,
                  help="model input size (1024 is SAM2's; smaller is faster on CPU)")
-  p.add_argument("--seed", type=int, default=0)
+  p.add_argument("--seed", type=nonnegative_int, default=0)
   return p.parse_args(argv)
 
 
 @report_user_errors
 def main(argv: Optional[Sequence[str]] = None) -> int:
   args = parse_args(argv)
-  os.makedirs(args.out, exist_ok=True)
-  t0 = time.time()
-  ckpt = args.ckpt
-  if ckpt is None:
-    from convert import random_checkpoint
-    ckpt = os.path.join(args.out, "sam2.1_hiera_t_random.pt")
-    if not os.path.exists(ckpt):
-      random_checkpoint.main(["--config", "sam2.1_hiera_t", "--out", ckpt,
-                              "--seed", str(args.seed)])
+  if args.ckpt is not None:
+    open_pt(args.ckpt, "--ckpt").close()
+  preflight.output_folder(args.out, "--out")
+  ckpt = args.ckpt or os.path.join(args.out, "sam2.1_hiera_t_random.pt")
   orbax_dir = os.path.join(args.out, "orbax")
+  data_dir = os.path.join(args.out, "image")
+  png = os.path.join(args.out, "overlay.png")
+  # A failure removes what this call created (the 156 MB random .pt included).
+  with preflight.created_by_us(args.out, ckpt, orbax_dir, data_dir, png):
+    return _demo(args, ckpt, orbax_dir, data_dir, png)
+
+
+def _demo(args: argparse.Namespace, ckpt: str, orbax_dir: str, data_dir: str, png: str) -> int:
+  t0 = time.time()
+  # The commands' undecorated mains raise (the decorated ones would print and return 2).
+  if args.ckpt is None and not os.path.exists(ckpt):
+    from convert import random_checkpoint
+    random_checkpoint.main.__wrapped__(["--config", "sam2.1_hiera_t", "--out", ckpt,
+                                        "--seed", str(args.seed)])
   from convert import from_torch
-  rc = from_torch.main(["--ckpt", ckpt, "--out", orbax_dir, "--overwrite",
-                        "--image-size", str(args.image_size)])
-  if rc:
-    return rc
+  from_torch.main.__wrapped__(["--ckpt", ckpt, "--out", orbax_dir, "--overwrite",
+                               "--image-size", str(args.image_size)])
 
   from qsam2_jax.data.synthetic import make_image_dataset
-  data_dir = os.path.join(args.out, "image")
   if not os.path.exists(os.path.join(data_dir, "annotations.json")):
     make_image_dataset(data_dir, num_images=1, size=(480, 640), seed=args.seed)
   with open(os.path.join(data_dir, "annotations.json")) as f:
@@ -85,8 +93,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
   predictor.set_image(image)
   masks, ious, _ = predictor.predict(box=box, multimask_output=False)
   t3 = time.time()
-  png = os.path.join(args.out, "overlay.png")
-  overlay(image, masks[0], box).save(png)
+  from qsam2_jax.files import atomic_path
+  with atomic_path(png) as tmp:
+    overlay(image, masks[0], box).save(tmp)
   print(f"box {box.tolist()} -> mask of {int(masks[0].sum())} px, predicted IoU {ious[0]:.3f}")
   print(f"first call (compile) {t2 - t1:.1f} s, second call {t3 - t2:.2f} s, "
         f"total {t3 - t0:.1f} s")

@@ -1,7 +1,7 @@
 """Instance segmentation with box prompts on a COCO-format set: mIoU and COCO mask AP.
 
   python -m eval.image --ckpt runs/w2a2 --data coco/annotations/instances_val2017.json
-  python -m eval.image --ckpt w2a2.qsam --data coco/... --boxes detections.json
+  python -m eval.image --ckpt w2a2.qsam2 --data coco/... --boxes detections.json
   python -m eval.image                       # embedded random SAM2.1-t on synthetic shapes
 
 Each non-crowd instance is prompted with its ground-truth box (`--boxes gt`) and the model
@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import io
+import math
 import os
 import sys
 import time
@@ -31,7 +32,13 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from qsam2_jax.cli import ArgumentParser
+from qsam2_jax.cli import (
+  ArgumentParser,
+  image_size,
+  nonnegative_float,
+  nonnegative_int,
+  positive_int,
+)
 from qsam2_jax.errors import UserError, report_user_errors
 
 # predict(image (H, W, 3) uint8, boxes (K, 4) xyxy) -> (masks (K, H, W) bool, pred_iou (K,)).
@@ -94,6 +101,11 @@ def load_detections(path: str, gt, max_dets: int = 100) -> Dict[int, List[Dict[s
     if not ok:
       raise UserError(f"--boxes {path}: detection {k} lacks image_id, category_id or a "
                       "4-number bbox")
+    b = d["bbox"]
+    if not (all(isinstance(v, (int, float)) and math.isfinite(v) for v in b)
+            and b[2] >= 0 and b[3] >= 0):
+      raise UserError(f"--boxes {path}: detection {k} has bbox {b}; expected finite "
+                      "[x, y, width, height] with width, height >= 0")
     if d["image_id"] not in gt.imgs:
       raise UserError(f"--boxes {path}: detection {k} refers to image_id {d['image_id']!r}, "
                       "which the annotation file does not have")
@@ -278,26 +290,28 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
   p.add_argument("--ckpt", default=None,
                  help="run / Orbax checkpoint directory, official .pt or packed file (default: "
                       "the embedded random SAM2.1-t)")
-  p.add_argument("--step", type=int, default=None, help="checkpoint step (default: latest)")
+  p.add_argument("--step", type=nonnegative_int, default=None,
+                 help="checkpoint step (default: latest)")
   p.add_argument("--data", default=None,
                  help="COCO annotation JSON, or a folder with annotations.json (default: the "
                       "embedded synthetic set)")
   p.add_argument("--boxes", default="gt",
                  help="'gt' (ground-truth boxes) or a COCO results JSON of detections")
-  p.add_argument("--image-size", type=int, default=None,
+  p.add_argument("--image-size", type=image_size, default=None,
                  help="model input size (default: the checkpoint's)")
   p.add_argument("--out", default=None,
                  help="output folder (default: <ckpt>/eval, or <file>_eval for a file; "
                       "runs/eval_image for the embedded checkpoint)")
-  p.add_argument("--max-images", type=int, default=None, help="evaluate the first N images")
-  p.add_argument("--overlays", type=int, default=4,
+  p.add_argument("--max-images", type=positive_int, default=None,
+                 help="evaluate the first N images")
+  p.add_argument("--overlays", type=nonnegative_int, default=4,
                  help="write overlay PNGs for the first K images (default: 4)")
-  p.add_argument("--max-dets", type=int, default=100,
+  p.add_argument("--max-dets", type=positive_int, default=100,
                  help="detections per image used from --boxes FILE (default: 100, best first)")
-  p.add_argument("--match-iou", type=float, default=0.5,
+  p.add_argument("--match-iou", type=nonnegative_float, default=0.5,
                  help="least box IoU matching a detection to a ground-truth instance for mIoU "
                       "(default: 0.5)")
-  p.add_argument("--chunk", type=int, default=32,
+  p.add_argument("--chunk", type=positive_int, default=32,
                  help="largest number of boxes decoded in one call (default: 32)")
   p.add_argument("--no-progress", action="store_true", help="no progress bar")
   return p.parse_args(argv)
@@ -310,13 +324,19 @@ def _fmt(v: float) -> str:
 @report_user_errors
 def main(argv: Optional[Sequence[str]] = None) -> int:
   args = parse_args(argv)
-  if args.max_images is not None and args.max_images < 1:
-    raise UserError(f"--max-images must be positive, got {args.max_images}")
-  if args.chunk < 1 or args.max_dets < 1:
-    raise UserError("--chunk and --max-dets must be positive")
-  from convert.random_checkpoint import default_checkpoint
+  from qsam2_jax import checkpoint, preflight
+  # Validate first: checkpoint, annotations (every one must decode), detections, output folder.
+  if args.ckpt is not None:
+    checkpoint.check(args.ckpt, "--ckpt", step=args.step)
+  if args.data is not None:
+    preflight.input_path(args.data, "--data")
+  if args.boxes != "gt":
+    preflight.input_path(args.boxes, "--boxes", kind="file")
+  # The embedded checkpoint lives in a cache: its results go to runs/, not beside it.
+  out = os.path.abspath(args.out or (default_out(args.ckpt) if args.ckpt
+                                     else os.path.join("runs", "eval_image")))
+  preflight.output_folder(out, "--out" if args.out else "--out (default)")
   from qsam2_jax.data.synthetic import default_image_data
-  ckpt = args.ckpt or default_checkpoint()
   data = args.data or default_image_data()
   gt, image_root = load_gt(data)
   img_ids = list(gt.imgs)
@@ -326,27 +346,27 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
   if args.boxes != "gt":
     detections = load_detections(args.boxes, gt, args.max_dets)
 
+  from convert.random_checkpoint import default_checkpoint
   from qsam2_jax.checkpoint import load_with_meta
-  from qsam2_jax.predictor import ImagePredictor
-  t0 = time.time()
-  model, meta = load_with_meta(ckpt, step=args.step, image_size=args.image_size)
-  predict = predictor_fn(ImagePredictor(model), chunk=args.chunk)
-  # The embedded checkpoint lives in a cache: its results go to runs/, not beside it.
-  out = os.path.abspath(args.out or (default_out(ckpt) if args.ckpt
-                                     else os.path.join("runs", "eval_image")))
-  summary, rows, results = evaluate(
-      predict, gt, image_root, img_ids=img_ids, detections=detections,
-      match_iou=args.match_iou, overlays=args.overlays,
-      overlay_dir=os.path.join(out, "overlays"), progress=not args.no_progress)
-  ap = coco_mask_ap(gt, results, img_ids)
-  report = {"kind": "eval.image", "ckpt": os.path.abspath(ckpt), "step": meta.get("step"),
-            "data": os.path.abspath(data), "boxes": args.boxes, "config": meta.get("config"),
-            "image_size": meta.get("image_size"), "quant": meta.get("quant"),
-            "model_kind": meta.get("kind"), **summary, **ap,
-            "seconds": round(time.time() - t0, 1)}
   from qsam2_jax.files import write_csv, write_json
-  write_json(os.path.join(out, "image_metrics.json"), report)
-  write_csv(os.path.join(out, "image_instances.csv"), rows, CSV_FIELDS)
+  from qsam2_jax.predictor import ImagePredictor
+  ckpt = args.ckpt or default_checkpoint()
+  t0 = time.time()
+  with preflight.created_by_us(out):
+    model, meta = load_with_meta(ckpt, step=args.step, image_size=args.image_size)
+    predict = predictor_fn(ImagePredictor(model), chunk=args.chunk)
+    summary, rows, results = evaluate(
+        predict, gt, image_root, img_ids=img_ids, detections=detections,
+        match_iou=args.match_iou, overlays=args.overlays,
+        overlay_dir=os.path.join(out, "overlays"), progress=not args.no_progress)
+    ap = coco_mask_ap(gt, results, img_ids)
+    report = {"kind": "eval.image", "ckpt": os.path.abspath(ckpt), "step": meta.get("step"),
+              "data": os.path.abspath(data), "boxes": args.boxes, "config": meta.get("config"),
+              "image_size": meta.get("image_size"), "quant": meta.get("quant"),
+              "model_kind": meta.get("kind"), **summary, **ap,
+              "seconds": round(time.time() - t0, 1)}
+    write_json(os.path.join(out, "image_metrics.json"), report)
+    write_csv(os.path.join(out, "image_instances.csv"), rows, CSV_FIELDS)
   print(f"{report['ckpt']} on {report['data']} ({summary['num']} instances, "
         f"{len(img_ids)} images, boxes: {args.boxes})")
   print(f"mIoU {_fmt(summary['mIoU'])}  (small {_fmt(summary['mIoU_small'])}, medium "

@@ -153,6 +153,10 @@ def collect(run: str) -> Dict[str, Any]:
                               None)
   row["vrc_figures"] = [f for f in files if f.lower().endswith(".png")
                         and "vrc" in os.path.basename(f).lower()]
+  if not (meta or row["sources"] or row["metrics_jsonl"] or row["vrc_figures"]):
+    raise UserError(f"--runs {run}: nothing to report: not a run, checkpoint or packed file of "
+                    "this project, and no results (image_metrics.json, jf.json, eval.size "
+                    "JSON, logs/metrics.jsonl) under it")
   return row
 
 
@@ -278,7 +282,11 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
 @report_user_errors
 def main(argv: Optional[Sequence[str]] = None) -> int:
   args = parse_args(argv)
-  text = build_report(args.runs, args.out)
+  from qsam2_jax import preflight
+  preflight.output_file(args.out, "--out")
+  figures = os.path.splitext(os.path.abspath(args.out))[0] + "_figures"
+  with preflight.created_by_us(args.out, figures):
+    text = build_report(args.runs, args.out)
   print(text.split("\n\n")[1] if "\n\n" in text else text)
   print(f"wrote {os.path.abspath(args.out)}")
   return 0

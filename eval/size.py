@@ -1,8 +1,8 @@
 """Model size: bits and bytes per component of the packed low-bit model, against BF16.
 
   python -m eval.size --ckpt runs/w2a2                 # packs the run in memory, measures it
-  python -m eval.size --ckpt w2a2.qsam                 # a packed file (from convert.to_torch)
-  python -m eval.size --ckpt runs/w2a2 --packed w2a2.qsam
+  python -m eval.size --ckpt w2a2.qsam2                 # a packed file (from convert.to_torch)
+  python -m eval.size --ckpt runs/w2a2 --packed w2a2.qsam2
 
 Every number comes from the packed file's manifest, i.e. from the bytes actually stored:
 quantized weights as b-bit codes plus their float32 per-channel ranges, the floating-point rest
@@ -20,7 +20,7 @@ import sys
 import tempfile
 from typing import Any, Dict, Optional, Sequence
 
-from qsam2_jax.cli import ArgumentParser
+from qsam2_jax.cli import ArgumentParser, nonnegative_int
 from qsam2_jax.errors import UserError, report_user_errors
 from qsam2_jax.files import write_json
 from qsam2_jax.quant.recipe import QuantRecipe
@@ -69,7 +69,7 @@ def measure(ckpt: Optional[str], *, step: Optional[int] = None, packed: Optional
   from qsam2_jax.checkpoint import load_with_meta
   model, meta = load_with_meta(ckpt, step=step)
   with tempfile.TemporaryDirectory() as tmp:
-    path = os.path.join(tmp, "model.qsam")
+    path = os.path.join(tmp, "model.qsam2")
     pm = packed_file.save(path, model, meta, float_dtype=float_dtype)
     rep = size_report(pm.manifest, os.path.getsize(path))
   rep.update(source=os.path.abspath(ckpt), config=meta["config"], quant=meta.get("quant"),
@@ -83,7 +83,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
   p.add_argument("--ckpt", default=None,
                  help="run / Orbax checkpoint directory, official .pt or packed file (default: "
                       "the embedded random SAM2.1-t)")
-  p.add_argument("--step", type=int, default=None, help="checkpoint step (default: latest)")
+  p.add_argument("--step", type=nonnegative_int, default=None,
+                 help="checkpoint step (default: latest)")
   p.add_argument("--packed", default=None,
                  help="an existing packed file to measure (instead of packing --ckpt)")
   p.add_argument("--float-dtype", default="auto",
@@ -104,6 +105,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
   if args.packed is not None and not os.path.isfile(args.packed):
     raise UserError(f"--packed {args.packed}: no such file (write one with "
                     "`python -m convert.to_torch --ckpt RUN --packed FILE`)")
+  from qsam2_jax import checkpoint, preflight
+  if args.packed is None and args.ckpt is not None:
+    checkpoint.check(args.ckpt, "--ckpt", step=args.step)
+  if args.json:
+    preflight.output_file(args.json, "--json")
   rep = measure(ckpt, step=args.step, packed=args.packed, float_dtype=args.float_dtype)
   q = rep.get("quant")
   what = QuantRecipe.from_dict(q).label if q else "float"

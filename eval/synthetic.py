@@ -13,13 +13,17 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from qsam2_jax.cli import nonnegative_int, positive_int
+from qsam2_jax import preflight
+from qsam2_jax.cli import ArgumentParser, nonnegative_int, positive_int
 from qsam2_jax.data import synthetic
+from qsam2_jax.errors import UserError, report_user_errors
+
+# What a dataset of ours holds (a folder holding neither is never replaced by --overwrite).
+DATASET_MARKERS = ("annotations.json", "JPEGImages")
 
 
 def build_parser() -> argparse.ArgumentParser:
-  # Plain argparse: a bad flag exits 2 with the usage line (this command's errors are its own).
-  parser = argparse.ArgumentParser(
+  parser = ArgumentParser(
       prog="python -m eval.synthetic",
       description="Generate a synthetic segmentation dataset of textured shapes: COCO-format "
                   "images (for mIoU / QAT) or DAVIS-layout videos (for J&F). Deterministic from "
@@ -58,16 +62,23 @@ def build_parser() -> argparse.ArgumentParser:
   return parser
 
 
+@report_user_errors
 def main(argv: Sequence[str] | None = None) -> int:
   parser = build_parser()
   args = parser.parse_args(argv)
   if min(args.size) < synthetic.MIN_SIZE:
-    parser.error(f"--size: height and width must be >= {synthetic.MIN_SIZE}, got {args.size}")
+    raise UserError(f"--size: height and width must be >= {synthetic.MIN_SIZE}, got {args.size}")
   out_dir = Path(args.out)
   if out_dir.exists() and not out_dir.is_dir():
-    parser.error(f"--out {out_dir} exists and is not a directory")
-  if out_dir.is_dir() and any(out_dir.iterdir()) and not args.overwrite:
-    parser.error(f"--out {out_dir} exists and is not empty (add --overwrite to replace it)")
+    raise UserError(f"--out {out_dir} exists and is not a directory")
+  if out_dir.is_dir() and any(out_dir.iterdir()):
+    if not args.overwrite:
+      raise UserError(f"--out {out_dir} exists and is not empty (add --overwrite to replace it)")
+    if not any((out_dir / m).exists() for m in DATASET_MARKERS):
+      raise UserError(f"--out {out_dir} is not a synthetic dataset of this project (no "
+                      f"{' or '.join(DATASET_MARKERS)}); --overwrite would delete it: give a new "
+                      "or empty folder")
+  preflight.probe_writable(out_dir, "--out")
   total = args.images if args.kind == "images" else args.videos
   bar = tqdm(total=total, unit="image" if args.kind == "images" else "video",
              disable=args.quiet, desc=f"synthetic {args.kind}")
@@ -80,9 +91,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                                          args.seed, overwrite=args.overwrite,
                                          progress=bar.update)
   except (FileExistsError, ValueError) as e:
+    raise UserError(str(e)) from e
+  finally:
     bar.close()
-    parser.error(str(e))
-  bar.close()
   unit = "image" if args.kind == "images" else "video"
   print(f"wrote {total} {unit}{'' if total == 1 else 's'} to {out}")
   return 0

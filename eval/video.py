@@ -41,7 +41,14 @@ import numpy as np
 from PIL import Image
 
 from eval import metrics, plots
-from qsam2_jax.cli import ArgumentParser, compute_dtype, dtype_name, nonnegative_int, positive_int
+from qsam2_jax.cli import (
+  ArgumentParser,
+  compute_dtype,
+  dtype_name,
+  image_size,
+  nonnegative_int,
+  positive_int,
+)
 from qsam2_jax.errors import UserError, report_user_errors
 from qsam2_jax.files import write_csv, write_json
 
@@ -439,7 +446,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
   p.add_argument("--videos", default=None,
                  help="comma-separated video names, or a text file with one name a line")
   p.add_argument("--max-videos", type=positive_int, default=None, help="evaluate the first N only")
-  p.add_argument("--image-size", type=positive_int, default=None,
+  p.add_argument("--image-size", type=image_size, default=None,
                  help="model input size (default: the checkpoint's; 1024 for .pt files)")
   p.add_argument("--dtype", type=dtype_name, default="float32",
                  help="compute dtype: float32 (fp32) or bfloat16 (bf16); parameters stay float32 "
@@ -480,17 +487,22 @@ def _checkpoint_info(path: str, step: Optional[int]) -> dict[str, Any]:
 @report_user_errors
 def main(argv: Optional[Sequence[str]] = None) -> int:
   args = parse_args(argv)
+  # Validate first: the output folder, the dataset's layout, the checkpoint.
+  from qsam2_jax import checkpoint, preflight
+  out_flag = "--out" if args.out else "--out (default)"
+  if args.out is None:
+    from eval.image import default_out
+    args.out = default_out(args.ckpt) if args.ckpt else os.path.join("runs", "eval_video")
+  preflight.output_folder(args.out, out_flag)
   if args.data is None:
     from qsam2_jax.data.synthetic import default_video_data
     args.data = default_video_data()
   items = index_dataset(args.data, args.protocol, _video_list(args.videos), args.max_videos)
+  if args.ckpt is not None:
+    checkpoint.check(args.ckpt, "--ckpt", step=args.step)
   if args.ckpt is None:
     from convert.random_checkpoint import default_checkpoint
     args.ckpt = default_checkpoint()
-    args.out = args.out or os.path.join("runs", "eval_video")
-  if args.out is None:
-    from eval.image import default_out
-    args.out = default_out(args.ckpt)
 
   ckpt_info = _checkpoint_info(args.ckpt, args.step)
   predictor, cfg = build_predictor(args.ckpt, step=args.step, image_size=args.image_size,
@@ -498,17 +510,18 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
   print(f"{len(items)} video(s) from {args.data} ({args.protocol} protocol), model {cfg.name} "
         f"at {cfg.image_size}² {args.dtype} from {args.ckpt}", flush=True)
   t0 = time.time()
-  result = evaluate(predictor, items, args.protocol, skip_first_last=not args.score_all_frames,
-                    strips=args.strips, strip_dir=os.path.join(args.out, "strips"),
-                    progress=not args.quiet)
-  result["settings"] = {
-      "ckpt": os.path.abspath(args.ckpt), **ckpt_info, "config": cfg.name,
-      "image_size": cfg.image_size, "dtype": args.dtype, "data": os.path.abspath(args.data),
-      "protocol": args.protocol, "skip_first_last": not args.score_all_frames,
-      "date": datetime.datetime.now().isoformat(timespec="seconds"),
-      "seconds": round(time.time() - t0, 2),
-  }
-  paths = write_outputs(result, args.out)
+  with preflight.created_by_us(args.out):
+    result = evaluate(predictor, items, args.protocol, skip_first_last=not args.score_all_frames,
+                      strips=args.strips, strip_dir=os.path.join(args.out, "strips"),
+                      progress=not args.quiet)
+    result["settings"] = {
+        "ckpt": os.path.abspath(args.ckpt), **ckpt_info, "config": cfg.name,
+        "image_size": cfg.image_size, "dtype": args.dtype, "data": os.path.abspath(args.data),
+        "protocol": args.protocol, "skip_first_last": not args.score_all_frames,
+        "date": datetime.datetime.now().isoformat(timespec="seconds"),
+        "seconds": round(time.time() - t0, 2),
+    }
+    paths = write_outputs(result, args.out)
   print(format_table(result))
   d = result["dataset"]
   print(f"J&F {d['J&F']:.2f}  J {d['J']:.2f}  F {d['F']:.2f}  "

@@ -22,7 +22,7 @@ from qsam2_jax.files import atomic_path
 from qsam2_jax.model import configs
 from qsam2_jax.model.overrides import apply_overrides, config_overrides
 from qsam2_jax.model.sam2 import SAM2Base, abstract_sam2
-from qsam2_jax.torch_format import NotACheckpointError, read_pt
+from qsam2_jax.torch_format import NotACheckpointError, open_pt, read_pt
 
 FORMAT = "qsam2-jax"
 _PATCH_KEY = "image_encoder.trunk.patch_embed.proj.weight"
@@ -254,6 +254,35 @@ def describe(path: str | os.PathLike, step: Optional[int] = None) -> Dict[str, A
   return meta
 
 
+def check(path: str | os.PathLike, flag: Optional[str] = None, *, step: Optional[int] = None,
+          float_only: Optional[str] = None) -> Dict[str, Any]:
+  """What `load_sam2(path)` would load (`describe`), checked without loading any weight.
+
+  A missing path, a folder that is no checkpoint, a file that is neither a packed file nor a
+  `torch.save` zip (a text file, a truncated file), a missing step, or a quantized checkpoint
+  where `float_only` asks for a float one: a `CheckpointError` / `NotACheckpointError` naming
+  `flag` and the path.
+  """
+  from qsam2_jax.quant import packed_file
+  p = os.fspath(path)
+  name = f"{flag} {p}" if flag else p
+  if not os.path.exists(p):
+    raise CheckpointError(f"{name}: checkpoint not found")
+  if os.path.isdir(p):
+    if not any(n.isdigit() for n in os.listdir(p)):
+      raise CheckpointError(f"{name}: a folder but not a checkpoint of this project (no Orbax "
+                            "checkpoint steps <step>/ in it; convert an official .pt with "
+                            "convert.from_torch)")
+    meta = describe(p, step)
+  elif packed_file.is_packed_file(p):
+    meta = describe(p)
+  else:
+    open_pt(p, flag or "").close()
+    meta = {"kind": "fp", "source": os.path.abspath(p)}
+  _check_float(meta, name, float_only)
+  return meta
+
+
 # ---------------------------------------------------------------------------- one entry point
 
 
@@ -274,8 +303,8 @@ def load_with_meta(path: str | os.PathLike, *, config: Optional[str] = None, dty
 def load_sam2(path: str | os.PathLike, *, config: Optional[str] = None, dtype=None,
               image_size: Optional[int] = None, step: Optional[int] = None,
               float_only: Optional[str] = None,
-              sharding: Optional[Callable[[jax.ShapeDtypeStruct], Any]] = None
-              ) -> Tuple[SAM2Base, configs.SAM2Config]:
+              sharding: Optional[Callable[[jax.ShapeDtypeStruct], Any]] = None,
+              keep_packed: bool = False) -> Tuple[SAM2Base, configs.SAM2Config]:
   """Loads an official `.pt` file, a packed low-bit file or an Orbax directory of this project.
 
   The one loader: every command and the predictors load through it.
@@ -290,7 +319,16 @@ def load_sam2(path: str | os.PathLike, *, config: Optional[str] = None, dtype=No
     float_only: refuse a quantized checkpoint (packed or Orbax); the text names what needs a
       float one, e.g. "train.qat --init" -> "... train.qat --init needs a float checkpoint".
     sharding: leaf -> sharding of an Orbax restore (default: the first local device).
+    keep_packed: `path` must be a packed file, whose kernels then stay packed in memory
+      (codes dequantized inside the jitted forward, `qsam2_jax.quant.packed_model`).
   """
+  if keep_packed:
+    from qsam2_jax.quant import packed_file
+    from qsam2_jax.quant.packed_model import load_packed
+    if not packed_file.is_packed_file(path):
+      raise UserError(f"keep_packed=True needs a packed low-bit file (convert.to_torch "
+                      f"--packed), got {os.fspath(path)}")
+    return load_packed(path, config=config, dtype=dtype, image_size=image_size)
   model, cfg, _ = _load(path, config=config, dtype=dtype, image_size=image_size, step=step,
                         float_only=float_only, sharding=sharding)
   return model, cfg

@@ -9,11 +9,19 @@ import argparse
 import math
 from typing import Union
 
-from qsam2_jax.errors import UserError
+from qsam2_jax.errors import DEBUG_FLAG, UserError
 
 
 class ArgumentParser(argparse.ArgumentParser):
-  """argparse whose errors become `UserError`s, printed by `report_user_errors` as one line."""
+  """argparse whose errors become `UserError`s, printed by `report_user_errors` as one line.
+
+  Every command gets `--debug` (`report_user_errors` takes it out of argv before parsing).
+  """
+
+  def __init__(self, *args, **kwargs):
+    super().__init__(*args, **kwargs)
+    self.add_argument(DEBUG_FLAG, action="store_true", default=argparse.SUPPRESS,
+                      help="on an error, also print the traceback")
 
   def error(self, message: str):
     raise UserError(f"{message} (see --help)")
@@ -37,6 +45,14 @@ def nonnegative_int(text: str) -> int:
   value = _int(text, "non-negative")
   if value < 0:
     raise argparse.ArgumentTypeError(f"must be at least 0 (a non-negative integer), got {value}")
+  return value
+
+
+def image_size(text: str) -> int:
+  """`--image-size`: the model's input side, a multiple of 32 of at least 64 (Hiera's strides)."""
+  value = _int(text, "positive")
+  if value < 64 or value % 32:
+    raise argparse.ArgumentTypeError(f"must be a multiple of 32, at least 64, got {value}")
   return value
 
 
@@ -91,6 +107,14 @@ def dtype_name(text: str) -> str:
 def short_dtype_name(text: str) -> str:
   """`dtype_name`, spelled fp32 / bf16 (the benchmarks' table labels)."""
   return SHORT_DTYPE[dtype_name(text)]
+
+
+def short_dtype_list(text: str) -> list[str]:
+  """`--dtypes fp32,bfloat16`: a comma-separated list of `short_dtype_name`s."""
+  names = [t.strip() for t in text.split(",") if t.strip()]
+  if not names:
+    raise argparse.ArgumentTypeError(f"expected a comma-separated list of dtypes, got {text!r}")
+  return [short_dtype_name(t) for t in names]
 
 
 def compute_dtype(name: str):

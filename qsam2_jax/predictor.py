@@ -16,18 +16,14 @@ import numpy as np
 from flax import nnx
 
 from qsam2_jax.checkpoint import load_sam2
-from qsam2_jax.errors import UserError
 from qsam2_jax.model.configs import SAM2Config
 from qsam2_jax.model.resize import resize_2d
 from qsam2_jax.model.sam2 import SAM2Base
 from qsam2_jax.parallel import commit_to_device
+from qsam2_jax.prompt_checks import PromptError, check_boxes, check_finite, check_image_size
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-
-
-class PromptError(UserError):
-  """Invalid input to `set_image` / `predict`."""
 
 
 def preprocess(image: jax.Array, size: int) -> jax.Array:
@@ -52,25 +48,13 @@ def to_rgb_uint8(image: Any) -> np.ndarray:
     raise PromptError(f"set_image expects uint8 pixel values in [0, 255], got dtype {image.dtype}")
   if image.ndim == 2:
     image = image[:, :, None]
-  if image.ndim != 3 or image.shape[2] not in (1, 3, 4) or min(image.shape[:2]) < 1:
+  if image.ndim != 3 or image.shape[2] not in (1, 3, 4):
     raise PromptError(f"set_image expects an image of shape HxW, HxWx1, HxWx3 or HxWx4, got "
                       f"shape {image.shape}")
+  check_image_size(image.shape[0], image.shape[1])
   if image.shape[2] == 1:
     image = np.repeat(image, 3, axis=2)
   return np.ascontiguousarray(image[:, :, :3])
-
-
-def load_model(path: str | os.PathLike, *, config: Optional[str] = None, dtype=None,
-               image_size: Optional[int] = None, keep_packed: bool = False) -> SAM2Base:
-  """`load_sam2`, or with `keep_packed` a packed file whose kernels stay packed in memory."""
-  if keep_packed:
-    from qsam2_jax.quant import packed_file
-    from qsam2_jax.quant.packed_model import load_packed
-    if not packed_file.is_packed_file(path):
-      raise UserError(f"keep_packed=True needs a packed low-bit file (convert.to_torch "
-                      f"--packed), got {os.fspath(path)}")
-    return load_packed(path, config=config, dtype=dtype, image_size=image_size)[0]
-  return load_sam2(path, config=config, dtype=dtype, image_size=image_size)[0]
 
 
 class ImagePredictor:
@@ -100,8 +84,8 @@ class ImagePredictor:
     `keep_packed`: a packed low-bit file stays packed in memory (codes dequantized inside the
     jitted forward, `qsam2_jax.quant.packed_model`).
     """
-    return cls(load_model(path, config=config, dtype=dtype, image_size=image_size,
-                          keep_packed=keep_packed))
+    return cls(load_sam2(path, config=config, dtype=dtype, image_size=image_size,
+                         keep_packed=keep_packed)[0])
 
   # ------------------------------------------------------------------------------ jitted parts
 
@@ -162,17 +146,10 @@ class ImagePredictor:
                           f"(B, N); got {np.shape(point_coords)} and {np.shape(point_labels)}")
       if np.any((labels < 0) | (labels > 1)):
         raise PromptError("point_labels must be 1 (foreground) or 0 (background)")
+      check_finite(coords, "point_coords")
       coords = coords * scale
     if box is not None:
-      boxes = np.asarray(box, np.float32)
-      if boxes.ndim == 1:
-        boxes = boxes[None]
-      if boxes.ndim != 2 or boxes.shape[1] != 4:
-        raise PromptError(f"box must be (4,) or (B, 4) in XYXY format, got {np.shape(box)}")
-      bad = np.where((boxes[:, 2] < boxes[:, 0]) | (boxes[:, 3] < boxes[:, 1]))[0]
-      if len(bad):
-        raise PromptError(f"box {bad[0]} = {boxes[bad[0]].tolist()} has x1 < x0 or y1 < y0; "
-                          "boxes are (x0, y0, x1, y1)")
+      boxes = check_boxes(box)
       box_coords = boxes.reshape(-1, 2, 2) * scale
       box_labels = np.tile(np.array([[2, 3]], np.int32), (len(boxes), 1))
       if coords is not None:

@@ -8,6 +8,7 @@ and plain containers, so a checkpoint cannot run code.
 from __future__ import annotations
 
 import collections
+import errno
 import os
 import pickle
 import zipfile
@@ -89,22 +90,56 @@ class _Unpickler(pickle.Unpickler):
     return self._storages[key]
 
 
+_ZIP_MAGIC = b"PK\x03\x04"
+
+
+def _not_a_checkpoint(path: str, head: bytes) -> str:
+  """Why a file that is not a zip is not a checkpoint, in words."""
+  if not head:
+    return f"{path} is empty, not a PyTorch checkpoint"
+  if head[:1] == b"\x80":
+    return (f"{path} is in the legacy (pre-1.6) torch.save format; re-save it with a recent "
+            "torch (torch.save writes zip files since 1.6)")
+  try:
+    head.decode("utf-8")
+    kind = "a text file"
+  except UnicodeDecodeError:
+    kind = "neither a zip nor a text file"
+  return f"{path} is {kind}, not a PyTorch checkpoint (expected the zip format of torch.save)"
+
+
+def open_pt(path: str | os.PathLike, flag: str = "") -> zipfile.ZipFile:
+  """Opens a `torch.save` zip, or says in words why `path` is not one (missing, a folder, a
+  text file, the legacy format, truncated). Reads only the zip's directory."""
+  path = os.fspath(path)
+  name = f"{flag} {path}" if flag else path
+  if os.path.isdir(path):
+    raise NotACheckpointError(f"{name}: is a folder, expected a PyTorch .pt file")
+  if not os.path.isfile(path):
+    raise FileNotFoundError(errno.ENOENT, "checkpoint not found", name)
+  with open(path, "rb") as f:
+    head = f.read(64)
+  if head[:4] != _ZIP_MAGIC:
+    raise NotACheckpointError(_not_a_checkpoint(name, head))
+  try:
+    zf = zipfile.ZipFile(path)
+  except (zipfile.BadZipFile, EOFError) as e:
+    raise NotACheckpointError(
+        f"{name} is truncated or damaged: it starts like a torch.save zip but its end is "
+        f"missing ({os.path.getsize(path):,} bytes); copy or download it again") from e
+  if not any(n.endswith("data.pkl") for n in zf.namelist()):
+    zf.close()
+    raise NotACheckpointError(f"{name} is a zip file but holds no data.pkl: not a torch "
+                              "checkpoint")
+  return zf
+
+
 def read_pt(path: str | os.PathLike) -> Any:
   """Loads a `torch.save` file into the same structure with numpy arrays for tensors."""
   path = os.fspath(path)
-  if not os.path.isfile(path):
-    raise FileNotFoundError(f"checkpoint not found: {path}")
-  try:
-    zf = zipfile.ZipFile(path)
-  except zipfile.BadZipFile as e:
-    raise NotACheckpointError(
-        f"{path} is not a PyTorch checkpoint (expected the zip format written by torch.save)"
-    ) from e
+  zf = open_pt(path)
   with zf:
     pkl = [n for n in zf.namelist() if n.endswith("data.pkl")]
-    if not pkl:
-      raise NotACheckpointError(
-          f"{path} is a zip file but holds no data.pkl: not a torch checkpoint")
     prefix = pkl[0][: -len("data.pkl")]
     byteorder = zf.read(prefix + "byteorder").decode() if prefix + "byteorder" in zf.namelist() \
         else "little"
@@ -113,5 +148,6 @@ def read_pt(path: str | os.PathLike) -> Any:
     with zf.open(pkl[0]) as f:
       try:
         return _Unpickler(f, zf, prefix, path).load()
-      except (pickle.UnpicklingError, EOFError, KeyError) as e:
-        raise NotACheckpointError(f"{path}: cannot read the checkpoint: {e}") from e
+      except (pickle.UnpicklingError, EOFError, KeyError, zipfile.BadZipFile) as e:
+        raise NotACheckpointError(f"{path}: cannot read the checkpoint (damaged or truncated? "
+                                  f"{type(e).__name__}: {e})") from e

@@ -18,6 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from qsam2_jax.errors import UserError
+from qsam2_jax.prompt_checks import check_image_size
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -97,6 +98,7 @@ def load_video_frames(video: Any, image_size: int) -> Tuple[np.ndarray, int, int
         raise VideoError(f"frame {i}: expected an HxWx3 uint8 RGB array, got dtype {f.dtype} "
                          f"and shape {f.shape}")
       height, width = f.shape[:2]
+    check_image_size(height, width, f"image (frame {i})", VideoError)
     frames.append(_resize_uint8(f, image_size))
   return np.stack(frames), height, width
 

@@ -31,20 +31,21 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from qsam2_jax.errors import UserError
+from qsam2_jax.checkpoint import load_sam2
 from qsam2_jax.model import tracking
 from qsam2_jax.model.configs import SAM2Config
 from qsam2_jax.model.resize import resize_2d
 from qsam2_jax.model.sam2 import SAM2Base
 from qsam2_jax.parallel import commit_to_device
+from qsam2_jax.prompt_checks import PromptError, check_boxes, check_finite
 from qsam2_jax.video_io import load_video_frames, normalize_frame
 
 COND = "cond_frame_outputs"
 NON_COND = "non_cond_frame_outputs"
 
 
-class VideoPromptError(UserError):
-  """Invalid prompt or call order on the video predictor."""
+class VideoPromptError(PromptError):
+  """Invalid prompt or call order on the video predictor (the image predictor's words)."""
 
 
 @dataclasses.dataclass
@@ -170,9 +171,8 @@ class VideoPredictor:
 
     `keep_packed`: a packed low-bit file stays packed in memory (`ImagePredictor`'s option).
     """
-    from qsam2_jax.predictor import load_model
-    return cls(load_model(path, config=config, dtype=dtype, image_size=image_size,
-                          keep_packed=keep_packed), **options)
+    return cls(load_sam2(path, config=config, dtype=dtype, image_size=image_size,
+                         keep_packed=keep_packed)[0], **options)
 
   # ---------------------------------------------------------------------------- jitted parts
 
@@ -411,13 +411,15 @@ class VideoPredictor:
                              f"and {np.shape(labels)}")
     if np.any((lab < 0) | (lab > 1)):
       raise VideoPromptError("labels must be 1 (positive click) or 0 (negative click)")
+    check_finite(pts, "points", VideoPromptError)
     if box is not None:
       if not clear_old_points:
         raise VideoPromptError("cannot add a box without clearing old points (a box must come "
                                "before any click); use clear_old_points=True")
-      b = np.asarray(box, np.float32)
-      if b.size != 4:
-        raise VideoPromptError(f"box must be (x0, y0, x1, y1), got shape {np.shape(box)}")
+      b = check_boxes(box, VideoPromptError)
+      if len(b) != 1:
+        raise VideoPromptError(f"box must be one (x0, y0, x1, y1) box per object, got shape "
+                               f"{np.shape(box)}")
       pts = np.concatenate([b.reshape(1, 2, 2), pts], axis=1)
       lab = np.concatenate([np.array([[2, 3]], np.int32), lab], axis=1)
     if normalize_coords:

@@ -19,7 +19,7 @@ import pytest
 
 from qsam2_jax import checkpoint
 from qsam2_jax.quant import QLinear
-from qsam2_jax.quant.calibration import model_fingerprint
+from qsam2_jax.quant.measure import model_fingerprint
 from train import calibrate as calibrate_cli
 from train import ptq as ptq_cli
 
@@ -110,7 +110,7 @@ def test_calibrate_command(tmp_path, capsys):
     (ptq_cli, ["--act-bits", "5"], "activation bits must be one of"),
     (ptq_cli, ["--method", "gptq"], "invalid choice: 'gptq'"),
     (ptq_cli, ["--method", "mse", "--lambda", "0.1"], "--lambda applies to the vrc+ methods"),
-    (ptq_cli, ["--data", "/nonexistent/coco"], "data path /nonexistent/coco does not exist"),
+    (ptq_cli, ["--data", "/nonexistent/coco"], "--data /nonexistent/coco does not exist"),
     (ptq_cli, ["--init", "/nonexistent/ckpt"], "checkpoint not found"),
     (calibrate_cli, ["--bits", "1"], "--bits must be one of"),
     (calibrate_cli, ["--lambda", "-1"], "non-negative number or 'auto'"),

@@ -61,7 +61,7 @@ def test_float_only_refuses_quantized_checkpoints(tiny_run, tmp_path):
   path, model, cfg, meta = tiny_run
   with pytest.raises(checkpoint.CheckpointError, match="already quantized.*train.qat --init"):
     checkpoint.load_sam2(path, float_only="train.qat --init")
-  packed = tmp_path / "w4.qsam"
+  packed = tmp_path / "w4.qsam2"
   packed_file.save(packed, model, meta)
   with pytest.raises(checkpoint.CheckpointError, match="already quantized"):
     checkpoint.load_sam2(packed, float_only="calibration")

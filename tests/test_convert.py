@@ -136,7 +136,7 @@ def test_errors(torch_t256, tmp_path):
   assert "no_mem_embed" in err and "(1, 1, 7)" in err
   (tmp_path / "junk.pt").write_bytes(b"definitely not a checkpoint")
   r = _cli("convert.from_torch", "--ckpt", str(tmp_path / "junk.pt"), "--out", str(tmp_path / "o"))
-  assert r.returncode == 2 and "not a readable PyTorch checkpoint" in r.stderr
+  assert r.returncode == 2 and "is a text file, not a PyTorch checkpoint" in r.stderr
   assert "Traceback" not in r.stderr
   r = _cli("convert.from_torch", "--ckpt", str(tmp_path / "nope.pt"), "--out", str(tmp_path / "o"))
   assert r.returncode == 2 and "not found" in r.stderr

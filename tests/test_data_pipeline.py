@@ -132,9 +132,10 @@ def test_bad_rle_names_the_file_and_annotation(coco_dir, tmp_path):
   data["annotations"][0]["segmentation"] = {"size": [3, 3], "counts": "xyz"}
   path = tmp_path / "bad_rle.json"
   path.write_text(json.dumps(data))
-  ex = coco.CocoSource(path, image_root=coco_dir)[0]
-  with pytest.raises(coco.AnnotationError, match=r"bad_rle.json: annotation 1 has an unusable"):
-    ex.decode_mask(0)
+  # Checked when the file is opened, before any image is read or model built.
+  with pytest.raises(coco.AnnotationError, match=r"bad_rle.json: annotations\[0\] \(id 1\) "
+                     r"has an unusable segmentation: RLE size \[3, 3\] does not match"):
+    coco.CocoSource(path, image_root=coco_dir)
 
 
 @pytest.mark.parametrize("name,match", [

@@ -151,7 +151,7 @@ def w2_restored(w2):
 def w2_packed(w2):
   """The run's packed file, written by the command line (float rest: auto, 16 bits)."""
   _, _, ckpt, root, _ = w2
-  packed = root / "w2.qsam"
+  packed = root / "w2.qsam2"
   assert to_torch.main(["--ckpt", ckpt, "--packed", str(packed)]) == 0
   return packed
 
@@ -201,7 +201,7 @@ def test_packed_w2_reproduces_the_fake_quant_model(w2, w2_restored, w2_packed):
   assert state.keys() == manifest["quantizer_state"].keys()
 
   # End to end, with the float rest stored losslessly: same outputs as the fake-quant model.
-  f32 = root / "w2_f32.qsam"
+  f32 = root / "w2_f32.qsam2"
   packed_file.save(f32, fq, _meta(cfg, recipe), float_dtype="float32")
   loaded = ImagePredictor.from_checkpoint(str(f32))
   got = packed_file.quantizer_state(loaded.model)
@@ -269,10 +269,10 @@ def test_corrupt_or_missing_checkpoints_give_clear_errors(w2_packed, tmp_path, c
   # Packed file: a flipped data byte, a truncated file, garbage.
   data = bytearray(w2_packed.read_bytes())
   data[-100] ^= 0xFF
-  (tmp_path / "flip.qsam").write_bytes(bytes(data))
-  (tmp_path / "cut.qsam").write_bytes(bytes(data[:len(data) // 2]))
+  (tmp_path / "flip.qsam2").write_bytes(bytes(data))
+  (tmp_path / "cut.qsam2").write_bytes(bytes(data[:len(data) // 2]))
   (tmp_path / "junk.pt").write_bytes(b"not a checkpoint at all")
-  for name, msg in (("flip.qsam", "CRC-32 mismatch"), ("cut.qsam", "truncated"),
+  for name, msg in (("flip.qsam2", "CRC-32 mismatch"), ("cut.qsam2", "truncated"),
                     ("junk.pt", "junk.pt")):
     with pytest.raises(UserError, match=msg):
       checkpoint.load_sam2(tmp_path / name)

@@ -7,7 +7,7 @@ import pytest
 import jax
 import jax.numpy as jnp
 
-from qsam2_jax import export
+from qsam2_jax.quant import encode
 from qsam2_jax.predictor import ImagePredictor
 from qsam2_jax.quant import packed_file
 from qsam2_jax.quant.packed_model import (load_packed, packed_kernels, resident_bytes,
@@ -54,7 +54,7 @@ def test_w2_resident_bytes_six_times_smaller(w2_files):
   assert float32_bytes / kept >= 6.0
   # Every quantized kernel is held as its codes.
   kernels = packed_kernels(model)
-  assert kernels.keys() == export.encode_weights(w2_files[2]).keys()
+  assert kernels.keys() == encode.encode_weights(w2_files[2]).keys()
   for k in kernels.values():
     assert k.get_raw_value()["codes"].dtype == jnp.uint8
 
@@ -65,7 +65,7 @@ def test_w2_kept_packed_matches_fake_quant_model(w2_files):
   packed, _ = load_packed(root / "w2_f32.qsam")
   # Kernels: dequantized on the device = the fake-quant kernels, up to the last bit (XLA may
   # or may not contract lo + step * code into one FMA in either program).
-  want = export.quantized_kernels(fq_model)
+  want = encode.quantized_kernels(fq_model)
   kernels = packed_kernels(packed)
   assert kernels.keys() == want.keys()
   raws = {name: var.get_raw_value() for name, var in kernels.items()}

@@ -27,7 +27,8 @@ from typing import Any, Dict, Optional, Sequence, Tuple
 
 import numpy as np
 
-from qsam2_jax.cli import ArgumentParser, nonnegative_int, positive_int, vrc_lambda
+from qsam2_jax import preflight
+from qsam2_jax.cli import ArgumentParser, image_size, nonnegative_int, positive_int, vrc_lambda
 from qsam2_jax.errors import UserError, report_user_errors
 from qsam2_jax.files import write_json
 
@@ -48,7 +49,7 @@ def add_common_args(p: argparse.ArgumentParser) -> None:
   p.add_argument("--eval-images", type=nonnegative_int, default=8,
                  help="images held out from calibration to measure the output errors on "
                       "(default 8; 0: measure on the calibration images)")
-  p.add_argument("--image-size", type=positive_int, default=None,
+  p.add_argument("--image-size", type=image_size, default=None,
                  help="model input size (default: the checkpoint's; 256 for the embedded one)")
   p.add_argument("--seed", type=int, default=0,
                  help="seed of the image selection and of the measurement prompts")
@@ -68,14 +69,28 @@ def add_common_args(p: argparse.ArgumentParser) -> None:
   p.add_argument("--quiet", action="store_true", help="no progress bars or per-layer tables")
 
 
-def check_paths(args: argparse.Namespace) -> None:
-  """Fails fast, before anything is loaded, on paths that cannot work."""
-  if os.path.exists(args.out) and not args.overwrite:
-    raise UserError(f"{args.out} already exists (pass --overwrite to replace it)")
-  if args.init is not None and not os.path.exists(args.init):
-    raise UserError(f"checkpoint not found: {args.init}")
-  if args.data is not None and not os.path.exists(args.data):
-    raise UserError(f"data path {args.data} does not exist")
+def check_paths(args: argparse.Namespace, float_only: str = "calibration / PTQ (--init)"):
+  """Validates the paths before anything is loaded; returns the opened `--data` reader (None
+  for the embedded default data).
+
+  --out: absent (or an earlier checkpoint with --overwrite), creatable and writable. --init: a
+  float checkpoint. --data: parses, every annotation usable, enough images for --images plus
+  --eval-images.
+  """
+  from qsam2_jax import checkpoint
+  from qsam2_jax.data.coco import describe, open_source
+  preflight.output_dir(args.out, "--out", overwrite=args.overwrite, what="a checkpoint",
+                       empty_ok=False)
+  if args.init is not None:
+    checkpoint.check(args.init, "--init", float_only=float_only)
+  if args.data is None:
+    return None
+  src = open_source(preflight.input_path(args.data, "--data"))
+  need = args.images + args.eval_images
+  if need > len(src):
+    raise UserError(f"--data {describe(src)}: --images {args.images} + --eval-images "
+                    f"{args.eval_images} need {need}")
+  return src
 
 
 def load_float_model(init: Optional[str], image_size: Optional[int]):
@@ -90,18 +105,33 @@ def load_float_model(init: Optional[str], image_size: Optional[int]):
   return model, cfg, path
 
 
-def load_images(data: Optional[str], num: int, num_eval: int, image_size: int, seed: int
-                ) -> Tuple[np.ndarray, Optional[np.ndarray], str]:
-  """(calibration images, held-out images or None, data path)."""
+def known_config(init: Optional[str], image_size: Optional[int]):
+  """The SAM2 config `load_float_model` will load, when known without reading weights (the
+  embedded default, an Orbax directory or a packed file); None for an official `.pt`."""
+  from convert.random_checkpoint import DEFAULT_CONFIG
+  from qsam2_jax import checkpoint
+  from qsam2_jax.data.synthetic import DEFAULT_IMAGE_SIZE
+  from qsam2_jax.model.configs import get_config
+  if init is None:
+    return get_config(DEFAULT_CONFIG, image_size=image_size or DEFAULT_IMAGE_SIZE)
+  meta = checkpoint.check(init)
+  if "config" not in meta:
+    return None
+  return checkpoint.sam_config(meta, image_size=image_size)
+
+
+def load_images(data: Optional[str], num: int, num_eval: int, image_size: int, seed: int,
+                source: Any = None) -> Tuple[np.ndarray, Optional[np.ndarray], str]:
+  """(calibration images, held-out images or None, data path); `data` None: the embedded
+  synthetic set; `source`: `data` already opened (`check_paths`)."""
   from qsam2_jax.data.synthetic import default_image_data
   from qsam2_jax.quant.calibration import calibration_images
 
   if data is None:
     data = default_image_data(max(32, num + num_eval))
-  elif not os.path.exists(data):
-    raise UserError(f"data path {data} does not exist")
-  calib = calibration_images(data, num, image_size, seed)
-  held = calibration_images(data, num_eval, image_size, seed, start=num) if num_eval else None
+  src = source if source is not None else data
+  calib = calibration_images(src, num, image_size, seed)
+  held = calibration_images(src, num_eval, image_size, seed, start=num) if num_eval else None
   return calib, held, data
 
 
@@ -137,15 +167,20 @@ def run(args: argparse.Namespace) -> CalibrateResult:
   from flax import nnx
 
   from qsam2_jax import checkpoint
-  from qsam2_jax.quant.calibration import output_errors, run_vrc, write_vrc_report
+  from qsam2_jax.quant.calibration import check_sweep_layer, run_vrc, write_vrc_report
+  from qsam2_jax.quant.measure import output_errors
   from qsam2_jax.quant.rules import ENCODER_LINEARS
   from qsam2_jax.quant.vrc import DEFAULT_LAM0
 
   lam0 = DEFAULT_LAM0 if args.lam is None else args.lam
-  check_paths(args)
+  src = check_paths(args)
+  cfg = known_config(args.init, args.image_size)
+  if cfg is not None:
+    check_sweep_layer(args.sweep_layer, cfg, "--sweep-layer")
   model, cfg, source = load_float_model(args.init, args.image_size)
+  check_sweep_layer(args.sweep_layer, cfg, "--sweep-layer")  # a .pt's config, once read
   calib, held, data = load_images(args.data, args.images, args.eval_images, cfg.image_size,
-                                  args.seed)
+                                  args.seed, source=src)
   print(f"VRC of {cfg.name} at {cfg.image_size}² ({source}) on {len(calib)} images of {data}; "
         f"lambda_0 {lam0} ({args.lambda_mode}), W{args.bits} errors")
   fp = nnx.clone(model)
@@ -164,12 +199,13 @@ def run(args: argparse.Namespace) -> CalibrateResult:
   print("\n".join(lines if not args.quiet else lines[-2:]))
   meta = checkpoint.model_meta(cfg, "calibrated", source, data=data, seed=args.seed,
                               vrc=result.summary(), errors=errors.summary())
-  out = checkpoint.save_model(args.out, model, meta, overwrite=args.overwrite)
-  files = write_vrc_report(result, out)
-  files["errors.json"] = os.path.join(out, "errors.json")
-  write_json(files["errors.json"], {"measured_on": where, **errors.summary(),
-                                    "layers": [dataclasses.asdict(e)
-                                               for e in errors.layers.values()]})
+  with preflight.created_by_us(args.out):
+    out = checkpoint.save_model(args.out, model, meta, overwrite=args.overwrite)
+    files = write_vrc_report(result, out)
+    files["errors.json"] = os.path.join(out, "errors.json")
+    write_json(files["errors.json"], {"measured_on": where, **errors.summary(),
+                                      "layers": [dataclasses.asdict(e)
+                                                 for e in errors.layers.values()]})
   print(f"wrote {out} ({', '.join(sorted(files))})")
   return CalibrateResult(model, fp, result, errors, out, files)
 

@@ -69,6 +69,8 @@ class TrainConfig:
   search_points: int = _RECIPE.search_points
   lsq_init: str = _RECIPE.lsq_init
   pact_l2: float = _RECIPE.pact_l2
+  attn_bits: Optional[int] = None
+  softmax_bits: Optional[int] = None
   # VRC (method qsam2) and range calibration.
   vrc_lambda: Union[float, str] = 3e-3  # a number, "auto" or "off"
   vrc_lambda_mode: str = "relative"

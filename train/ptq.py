@@ -28,6 +28,7 @@ import os
 import sys
 from typing import Any, Dict, Optional, Sequence
 
+from qsam2_jax import preflight
 from qsam2_jax.cli import ArgumentParser
 from qsam2_jax.errors import UserError, report_user_errors
 from qsam2_jax.files import write_json
@@ -71,13 +72,8 @@ def run(args: argparse.Namespace) -> PTQResult:
   from flax import nnx
 
   from qsam2_jax import checkpoint
-  from qsam2_jax.quant.calibration import (
-    output_errors,
-    ptq,
-    run_vrc,
-    split_method,
-    write_vrc_report,
-  )
+  from qsam2_jax.quant.calibration import ptq, run_vrc, split_method, write_vrc_report
+  from qsam2_jax.quant.measure import output_errors
   from qsam2_jax.quant.recipe import QuantRecipe
   from qsam2_jax.quant.vrc import DEFAULT_LAM0
 
@@ -89,10 +85,10 @@ def run(args: argparse.Namespace) -> PTQResult:
   if use_vrc and recipe.bits == 16:
     raise UserError("VRC needs quantized weights (--bits 2, 3, 4 or 8)")
   lam0 = DEFAULT_LAM0 if args.lam is None else args.lam
-  check_paths(args)
+  src = check_paths(args)
   model, cfg, source = load_float_model(args.init, args.image_size)
   calib, held, data = load_images(args.data, args.images, args.eval_images, cfg.image_size,
-                                  args.seed)
+                                  args.seed, source=src)
   progress = not args.quiet
   print(f"PTQ {recipe.tag} ({args.method}) of {cfg.name} at {cfg.image_size}² ({source}) with "
         f"{len(calib)} calibration images of {data}")
@@ -123,13 +119,14 @@ def run(args: argparse.Namespace) -> PTQResult:
       errors=errors.summary())
   if vrc is not None:
     meta["vrc"] = vrc.summary()
-  out = checkpoint.save_model(args.out, model, meta, overwrite=args.overwrite)
-  files = write_vrc_report(vrc, out) if vrc is not None else {}
-  files["ptq_errors.json"] = os.path.join(out, "ptq_errors.json")
-  write_json(files["ptq_errors.json"], {
-      "recipe": recipe.to_dict(), "method": args.method, "measured_on": where,
-      **errors.summary(), "layers": [dataclasses.asdict(e) for e in errors.layers.values()],
-      "not_run": errors.not_run})
+  with preflight.created_by_us(args.out):
+    out = checkpoint.save_model(args.out, model, meta, overwrite=args.overwrite)
+    files = write_vrc_report(vrc, out) if vrc is not None else {}
+    files["ptq_errors.json"] = os.path.join(out, "ptq_errors.json")
+    write_json(files["ptq_errors.json"], {
+        "recipe": recipe.to_dict(), "method": args.method, "measured_on": where,
+        **errors.summary(), "layers": [dataclasses.asdict(e) for e in errors.layers.values()],
+        "not_run": errors.not_run})
   print(f"wrote {out} ({', '.join(sorted(files))}); load it with "
         f"qsam2_jax.checkpoint.load_sam2({out!r})")
   return PTQResult(model, fp, recipe, vrc, errors, out, files, eval_images)

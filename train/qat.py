@@ -168,10 +168,13 @@ def build_parser() -> argparse.ArgumentParser:
 def parse_config(argv: Optional[Sequence[str]] = None) -> tuple[TrainConfig, Dict[str, Any]]:
   """(config, the flags given explicitly): smoke defaults without --init and --data."""
   given = vars(build_parser().parse_args(argv))
+  given.pop("debug", None)
   base = TrainConfig.smoke if "init" not in given and "data" not in given else TrainConfig
   for key in ("data", "val_data", "init", "video_data"):
     if key in given and not os.path.exists(given[key]):
       raise UserError(f"--{key.replace('_', '-')} {given[key]} does not exist")
+  if given.get("resume") and "out" not in given:
+    raise UserError("--resume needs --out, the run directory to continue")
   return base(**given), given
 
 
@@ -216,8 +219,13 @@ class Subset:
     return self.source[self.start + int(i)]
 
 
-def open_data(cfg: TrainConfig, image_size: int):
-  """(train source, val source or None, data path)."""
+def open_data(cfg: TrainConfig, image_size: Optional[int]):
+  """(train source, val source or None, data path).
+
+  Opening a COCO file parses it and checks every annotation (`data.coco`), so `run` calls this
+  before loading the model when --data is given; `image_size` is needed only for the embedded
+  synthetic data.
+  """
   from qsam2_jax.data import coco
   from qsam2_jax.data.synthetic import default_image_data
   path = cfg.data or default_image_data(32, image_size, seed=0)
@@ -231,8 +239,8 @@ def open_data(cfg: TrainConfig, image_size: int):
     else:
       n = min(cfg.eval_images, len(train) // 5)
       if n == 0:
-        raise UserError(f"{coco.describe(train)}: too few images to hold out an evaluation set; "
-                        "pass --val-data or --eval-images 0")
+        raise UserError(f"--data {coco.describe(train)}: too few images to hold out an "
+                        "evaluation set; pass --val-data or --eval-images 0")
       train, val = Subset(train, 0, len(train) - n), Subset(train, len(train) - n, len(train))
   return train, val, path
 
@@ -284,26 +292,24 @@ class RunResult:
   interrupted: bool = False
 
 
-def _prepare_out(cfg: TrainConfig, is_main: bool) -> str:
-  import jax
+def _prepare_out(cfg: TrainConfig) -> tuple[str, bool]:
+  """(absolute run directory, whether it holds a run): checked, nothing created or deleted.
+
+  Fresh run: absent, empty, or one of our runs with --overwrite (deleted later, once every
+  input is validated). --resume: one of our runs with a checkpoint. A folder holding anything
+  else is refused, with or without --overwrite. The folder is probed for writing.
+  """
   from jax.experimental import multihost_utils
   out = cfg.out
   if out is None:  # one timestamp for every process
     stamp = int(multihost_utils.broadcast_one_to_all(np.int64(time.time())))
     out = os.path.join("runs", f"{cfg.tag}-{time.strftime('%Y%m%d-%H%M%S', time.localtime(stamp))}")
   out = os.path.abspath(out)
-  exists = os.path.isdir(out) and os.listdir(out)
-  if cfg.resume and not exists:
-    raise UserError(f"--resume: {out} holds no run to continue")
-  if exists and not cfg.resume:
-    if not cfg.overwrite:
-      raise UserError(f"{out} already holds a run: pass --resume to continue it or --overwrite "
-                      "to start over")
-    if is_main:
-      shutil.rmtree(out)
-  if jax.process_count() > 1:
-    multihost_utils.sync_global_devices("qat_out_ready")
-  return out
+  from qsam2_jax import preflight
+  holds_run = preflight.output_dir(out, "--out", overwrite=cfg.overwrite, resume=cfg.resume)
+  if cfg.resume and not preflight.is_checkpoint_dir(out):
+    raise UserError(f"--resume: {out} holds no checkpoint of a run to continue")
+  return out, holds_run
 
 
 def _resume_config(cfg: TrainConfig, given: Dict[str, Any], out: str) -> tuple[TrainConfig, dict]:
@@ -326,6 +332,56 @@ def run(cfg: TrainConfig, given: Optional[Dict[str, Any]] = None) -> RunResult:
   parallel.initialize_distributed(cfg.distributed, coordinator_address=cfg.coordinator,
                                   num_processes=cfg.num_processes, process_id=cfg.process_id)
   import jax
+  from jax.experimental import multihost_utils
+
+  from qsam2_jax import checkpoint
+
+  is_main = jax.process_index() == 0
+  t_start = time.time()
+  # -------- validate everything first: nothing is created, deleted or loaded before this
+  out, holds_run = _prepare_out(cfg)
+  meta_saved = None
+  if cfg.resume:
+    cfg, meta_saved = _resume_config(cfg, given or {}, out)
+  mesh = parallel.make_mesh(cfg.mesh)
+  ndev, nproc = mesh.size, jax.process_count()
+  cfg.batch_sizes(ndev, nproc)  # a batch flag that does not fit the mesh names sizes that would
+  if meta_saved is None and cfg.init:
+    checkpoint.check(cfg.init, "--init", float_only="train.qat --init")
+  sources = None
+  if cfg.data:   # parses the annotations and checks every one before the model is loaded
+    sources = open_data(cfg, None)
+  elif cfg.val_data and cfg.eval_images:
+    from qsam2_jax.data import coco
+    coco.open_source(cfg.val_data)
+  was_empty_dir = os.path.isdir(out) and not holds_run   # the user's own empty folder stays
+  if holds_run and not cfg.resume and is_main:   # --overwrite, now that the inputs are good
+    shutil.rmtree(out)
+  if nproc > 1:
+    multihost_utils.sync_global_devices("qat_out_ready")
+  try:
+    return _run(cfg, out, meta_saved, mesh, sources, t_start)
+  except BaseException:
+    # A fresh run that fails before its first checkpoint leaves nothing behind.
+    from qsam2_jax import preflight
+    if meta_saved is None and is_main and os.path.isdir(out) and (
+        not preflight.is_checkpoint_dir(out)):
+      if not was_empty_dir:
+        shutil.rmtree(out, ignore_errors=True)
+      else:
+        for name in os.listdir(out):
+          path = os.path.join(out, name)
+          if os.path.isdir(path):
+            shutil.rmtree(path, ignore_errors=True)
+          else:
+            os.remove(path)
+    raise
+
+
+def _run(cfg: TrainConfig, out: str, meta_saved: Optional[Dict[str, Any]], mesh, sources,
+         t_start: float) -> RunResult:
+  """`run` once the inputs are validated."""
+  import jax
   import jax.numpy as jnp
   from flax import nnx
   from jax.experimental import multihost_utils
@@ -339,12 +395,6 @@ def run(cfg: TrainConfig, given: Optional[Dict[str, Any]] = None) -> RunResult:
 
   is_main = jax.process_index() == 0
   say = print if is_main else (lambda *a, **k: None)
-  t_start = time.time()
-  out = _prepare_out(cfg, is_main)
-  meta_saved = None
-  if cfg.resume:
-    cfg, meta_saved = _resume_config(cfg, given or {}, out)
-  mesh = parallel.make_mesh(cfg.mesh)
   ndev, nproc = mesh.size, jax.process_count()
   _, eval_bs = cfg.batch_sizes(ndev, nproc)
   unit = math.lcm(ndev, nproc)
@@ -361,7 +411,7 @@ def run(cfg: TrainConfig, given: Optional[Dict[str, Any]] = None) -> RunResult:
   if meta_saved is None:
     model, sam_cfg, source = load_init(cfg, dtype)
     image_size = sam_cfg.image_size
-    train_src, val_src, data_path = open_data(cfg, image_size)
+    train_src, val_src, data_path = sources or open_data(cfg, image_size)
     video_src = open_video_data(cfg, image_size)
     if cfg.distill > 0:
       teacher = nnx.clone(model)
@@ -394,7 +444,7 @@ def run(cfg: TrainConfig, given: Optional[Dict[str, Any]] = None) -> RunResult:
     source, data_path = meta_saved.get("source"), meta_saved.get("data")
     sam_cfg = checkpoint.sam_config(meta_saved)
     image_size = sam_cfg.image_size
-    train_src, val_src, data_path = open_data(cfg, image_size)
+    train_src, val_src, data_path = sources or open_data(cfg, image_size)
     video_src = open_video_data(cfg, image_size) if use_clips else None
     model = checkpoint.abstract_model(sam_cfg, quant=meta_saved.get("quant"), dtype=dtype)
     if cfg.distill > 0:

@@ -70,6 +70,12 @@ def add_quant_option_args(group, names: Optional[Sequence[str]] = None) -> None:
       "pact_l2": (dict(type=nonnegative_float),
                   "PACT's L2 penalty lambda on its clips: lambda * alpha^2 added to the loss "
                   f"(default {d.pact_l2:g})"),
+      "attn_bits": (dict(type=int, choices=ACT_BITS),
+                    "paper preset: bits of q, k, v of every attention and of the mask "
+                    "decoder's hypernetwork product (default: the activation bits; 16 = float)"),
+      "softmax_bits": (dict(type=int, choices=ACT_BITS),
+                       "paper preset: bits of the softmax probabilities, fixed grid on [0, 1] "
+                       "(default 8; 16 in weight-only recipes; 16 = float)"),
   }
   for name in names or OPTION_FLAGS:
     kwargs, text = helps[name]

@@ -13,12 +13,17 @@ Layouts:
   SA-1B: a folder of `sa_<id>.jpg` + `sa_<id>.json`, the JSON holding `image` (with `height`,
     `width`) and `annotations` (compressed RLE `segmentation`, `area`, ...).
 
-Malformed annotation files raise `AnnotationError` (a `UserError`) naming the file.
+Malformed annotation files raise `AnnotationError` (a `UserError`) naming the file and the
+annotation. A COCO file is checked whole when it is opened (every annotation, crowd ones
+included, must decode: `segmentation_problem`); there is no skipping policy, a bad annotation
+is reported with its index and id so that the file can be fixed. SA-1B files are checked when
+their image is read.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -84,12 +89,61 @@ def _require(cond: bool, path: Path, what: str) -> None:
     raise AnnotationError(f"{path}: malformed annotation file: {what}")
 
 
-def _check_segmentation(ann: Any, path: Path, where: str) -> None:
+def segmentation_problem(segm: Any, height: int | None = None, width: int | None = None
+                         ) -> str | None:
+  """Why a COCO `segmentation` cannot be decoded into a mask, or None if it can.
+
+  Polygons: a non-empty list of parts, each an even count of at least 6 numbers (3 x, y
+  points). RLE: {"size": [h, w], "counts": str or a list of run lengths summing to h * w}, its
+  size the image's when the image's is known. Cheap (no decoding), so readers check every
+  annotation when they open a file, before any model is built.
+  """
+  if isinstance(segm, list):
+    if not segm:
+      return "an empty polygon list"
+    for i, part in enumerate(segm):
+      if not isinstance(part, list):
+        return f"polygon {i} is a {type(part).__name__}, expected a list of x, y numbers"
+      if len(part) < 6 or len(part) % 2:
+        return (f"polygon {i} has {len(part)} numbers; expected an even count of at least 6 "
+                "(3 x, y points)")
+      try:
+        total = sum(part)
+      except TypeError:
+        return f"polygon {i} holds something other than numbers"
+      if not math.isfinite(total):
+        return f"polygon {i} holds a non-finite coordinate"
+    return None
+  if isinstance(segm, dict) and "counts" in segm:
+    size = segm.get("size")
+    if not (isinstance(size, list) and len(size) == 2 and all(isinstance(v, int) for v in size)):
+      return f"RLE 'size' is {size!r}, expected [height, width]"
+    if height is not None and size != [height, width]:
+      return f"RLE size {size} does not match the image size {[height, width]}"
+    counts = segm["counts"]
+    if isinstance(counts, list):
+      if not all(isinstance(c, int) and c >= 0 for c in counts):
+        return "uncompressed RLE 'counts' must be non-negative integers"
+      if sum(counts) != size[0] * size[1]:
+        return (f"uncompressed RLE 'counts' sum to {sum(counts)}, not height x width = "
+                f"{size[0] * size[1]}")
+      return None
+    if not isinstance(counts, str) or not counts:
+      return f"RLE 'counts' is a {type(counts).__name__}, expected a non-empty string or a list"
+    return None
+  return "no polygon list or RLE object"
+
+
+def _check_segmentation(ann: Any, path: Path, where: str, height: int | None = None,
+                        width: int | None = None) -> None:
   _require(isinstance(ann, dict), path, f"{where} is not an object")
-  segm = ann.get("segmentation")
-  ok = (isinstance(segm, list) and len(segm) > 0) or (
-      isinstance(segm, dict) and "counts" in segm and isinstance(segm.get("size"), list))
-  _require(ok, path, f"{where} has no polygon or RLE 'segmentation'")
+  if "segmentation" not in ann:
+    raise AnnotationError(f"{path}: malformed annotation file: {where} has no polygon or RLE "
+                          "'segmentation'")
+  why = segmentation_problem(ann["segmentation"], height, width)
+  if why is not None:
+    ident = f" (id {ann['id']!r})" if "id" in ann else ""
+    raise AnnotationError(f"{path}: {where}{ident} has an unusable segmentation: {why}")
 
 
 def _area(ann: dict) -> float:
@@ -140,9 +194,11 @@ class CocoSource:
       images[img["id"]] = img
     per_image: dict[Any, list[dict]] = {}
     for k, ann in enumerate(data["annotations"]):
-      _check_segmentation(ann, path, f"annotations[{k}]")
+      _require(isinstance(ann, dict), path, f"annotations[{k}] is not an object")
       _require(ann.get("image_id") in images, path,
                f"annotations[{k}] refers to unknown image_id {ann.get('image_id')!r}")
+      img = images[ann["image_id"]]
+      _check_segmentation(ann, path, f"annotations[{k}]", img["height"], img["width"])
       if ann.get("iscrowd", 0) and not include_crowd:
         continue
       per_image.setdefault(ann["image_id"], []).append(ann)
@@ -209,7 +265,7 @@ class SA1BSource:
       height = width = None
     anns = data["annotations"]
     for k, ann in enumerate(anns):
-      _check_segmentation(ann, json_path, f"annotations[{k}]")
+      _check_segmentation(ann, json_path, f"annotations[{k}]", height, width)
     _require(len(anns) > 0, json_path, "no annotations")
     image = _read_image(image_path, json_path, height, width)
     return Example(image=image, segmentations=tuple(a["segmentation"] for a in anns),

@@ -67,7 +67,7 @@ class PatchEmbed(nnx.Module):
     return self.proj(x)
 
 
-class MultiScaleAttention(nnx.Module):
+class MultiScaleAttention(layers.AttentionSlots, nnx.Module):
   """Attention inside windows, with optional max pooling of q (the stage-change downsampling)."""
 
   def __init__(self, dim: int, dim_out: int, num_heads: int,
@@ -78,6 +78,7 @@ class MultiScaleAttention(nnx.Module):
     self.q_stride = q_stride
     self.qkv = layers.Linear(dim, 3 * dim_out, dtype=dtype, rngs=rngs)
     self.proj = layers.Linear(dim_out, dim_out, dtype=dtype, rngs=rngs)
+    self._init_slots()
 
   def __call__(self, x: jax.Array) -> jax.Array:
     """(N, h, w, dim) windows -> (N, h', w', dim_out), h' = h / q_stride on pooling blocks."""
@@ -90,7 +91,7 @@ class MultiScaleAttention(nnx.Module):
       q = max_pool(q.reshape(n, h, w, self.dim_out), self.q_stride)
       h, w = q.shape[1:3]
       q = q.reshape(n, h * w, heads, -1)
-    out = layers.attention(q, k, v)
+    out = self._attend(q, k, v)
     return self.proj(out.reshape(n, h, w, self.dim_out))
 
 

@@ -149,13 +149,54 @@ class Embedding(nnx.Module):
     return self.embedding[...]
 
 
+class QuantSlot(nnx.Module):
+  """An identity placeholder on an activation x activation product's input (q, k, v,
+  softmax probabilities, the hypernetwork product's operands).
+
+  The model only marks where such a tensor is; quantization code may replace the slot (by
+  module path, like a layer) with a module of the same call signature. A slot has no
+  variables, so checkpoints and PyTorch key maps do not see it.
+  """
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    return x
+
+
+def active(slot) -> Optional[Callable[[jax.Array], jax.Array]]:
+  """`slot` if something replaced the identity `QuantSlot`, else None."""
+  return None if slot is None or isinstance(slot, QuantSlot) else slot
+
+
+class AttentionSlots:
+  """Mixin for attention modules: identity slots on q, k, v (`q_quant`, ...) and on the
+  softmax probabilities (`probs_quant`), applied by `_attend`."""
+
+  def _init_slots(self) -> None:
+    self.q_quant = QuantSlot()
+    self.k_quant = QuantSlot()
+    self.v_quant = QuantSlot()
+    self.probs_quant = QuantSlot()
+
+  def _attend(self, q: jax.Array, k: jax.Array, v: jax.Array,
+              key_valid: Optional[jax.Array] = None, *,
+              fast: Optional[Callable[..., jax.Array]] = None) -> jax.Array:
+    """`attention` on the slotted q, k, v; `fast(q, k, v)` replaces it while `probs_quant` is
+    the identity (a caller's own float path)."""
+    q, k, v = self.q_quant(q), self.k_quant(k), self.v_quant(v)
+    probs = active(self.probs_quant)
+    if probs is None and fast is not None:
+      return fast(q, k, v)
+    return attention(q, k, v, key_valid, probs=probs)
+
+
 def free_param(rngs: nnx.Rngs, shape: Sequence[int], std: float = 0.02) -> nnx.Param:
   """A top-level tensor such as `no_mem_embed` (PyTorch: a bare nn.Parameter)."""
   return nnx.Param(std * jax.random.normal(rngs.params(), tuple(shape), jnp.float32))
 
 
 def attention(q: jax.Array, k: jax.Array, v: jax.Array,
-              key_valid: Optional[jax.Array] = None) -> jax.Array:
+              key_valid: Optional[jax.Array] = None,
+              probs: Optional[Callable[[jax.Array], jax.Array]] = None) -> jax.Array:
   """Scaled dot-product attention, (B, L, heads, head_dim) layout, softmax in float32.
 
   One entry point for every SAM2 attention so that the implementation is chosen in one place:
@@ -163,7 +204,12 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array,
   full score matrix (2 GB at batch 8 in a 1024² global Hiera block); on CPU `_cpu_attention`
   (heads-major, query blocks); XLA's generic path elsewhere. `key_valid` (B, S) bool gives
   keys where it is False zero weight (every row needs one valid key).
+
+  `probs`, applied to the float32 softmax probabilities (B, heads, L, S) before they multiply
+  v, needs them materialised: with it the plain `_explicit_attention` runs on every backend.
   """
+  if probs is not None:
+    return _explicit_attention(q, k, v, key_valid, probs)
   if jax.default_backend() == "cpu":
     return _cpu_attention(q, k, v, key_valid)
   mask = None if key_valid is None else key_valid.astype(bool)[:, None, None, :]
@@ -173,6 +219,20 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array,
     except (ValueError, NotImplementedError, RuntimeError):
       pass  # shape or dtype the cuDNN kernel does not take: the XLA path below is exact
   return jax.nn.dot_product_attention(q, k, v, mask=mask)
+
+
+def _explicit_attention(q: jax.Array, k: jax.Array, v: jax.Array,
+                        key_valid: Optional[jax.Array],
+                        probs: Callable[[jax.Array], jax.Array]) -> jax.Array:
+  """Attention with the full (B, heads, L, S) probability matrix, `probs` applied to it."""
+  dtype = q.dtype
+  s = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32)
+  s = s * jnp.float32(q.shape[-1] ** -0.5)
+  if key_valid is not None:
+    s = s + _mask_bias(key_valid.astype(bool))[:, None, None, :]
+  p = probs(jax.nn.softmax(s, axis=-1))
+  out = jnp.einsum("bhqk,bkhd->bqhd", p.astype(v.dtype), v, preferred_element_type=jnp.float32)
+  return out.astype(dtype)
 
 
 def _use_cudnn(q: jax.Array, k: jax.Array) -> bool:

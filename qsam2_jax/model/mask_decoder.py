@@ -67,6 +67,8 @@ class MaskDecoder(nnx.Module):
         cfg.dynamic_multimask_stability_thresh if dynamic_multimask_stability_thresh is None
         else dynamic_multimask_stability_thresh)
     self.dtype = dtype
+    self.hyper_in_quant = layers.QuantSlot()
+    self.upscaled_quant = layers.QuantSlot()
 
     self.transformer = TwoWayTransformer(2, d, 8, 2048, dtype=dtype, rngs=rngs)
     self.iou_token = layers.Embedding(1, d, rngs=rngs)
@@ -149,7 +151,9 @@ class MaskDecoder(nnx.Module):
         [mlp(mask_tokens_out[:, i]) for i, mlp in enumerate(self.output_hypernetworks_mlps)],
         axis=1)
     dtype = self.dtype or upscaled.dtype
-    masks = jnp.einsum("bmc,bhwc->bmhw", hyper_in.astype(dtype), upscaled.astype(dtype))
+    # Identity slots on the operands of the hypernetwork x upscaled-embedding product.
+    masks = jnp.einsum("bmc,bhwc->bmhw", self.hyper_in_quant(hyper_in.astype(dtype)),
+                       self.upscaled_quant(upscaled.astype(dtype)))
 
     iou_pred = self.iou_prediction_head(iou_token_out)
     if self.pred_obj_scores:

@@ -42,7 +42,7 @@ def masked_attention(q: jax.Array, k: jax.Array, v: jax.Array,
   return layers.attention(q, k, v, key_valid)
 
 
-class RoPEAttention(nnx.Module):
+class RoPEAttention(layers.AttentionSlots, nnx.Module):
   """`RoPEAttention`: attention whose q and k are rotated by axial RoPE after projection.
 
   The table follows the query grid (√N×√N). With `rope_k_repeat` (cross-attention to memories)
@@ -63,6 +63,7 @@ class RoPEAttention(nnx.Module):
     self.k_proj = layers.Linear(kv_in_dim, embedding_dim, dtype=dtype, rngs=rngs)
     self.v_proj = layers.Linear(kv_in_dim, embedding_dim, dtype=dtype, rngs=rngs)
     self.out_proj = layers.Linear(embedding_dim, embedding_dim, dtype=dtype, rngs=rngs)
+    self._init_slots()   # q and k slots see the rotated tensors (the matmul's inputs)
 
   def _heads(self, x: jax.Array) -> jax.Array:
     return x.reshape(*x.shape[:-1], self.num_heads, x.shape[-1] // self.num_heads)
@@ -78,7 +79,8 @@ class RoPEAttention(nnx.Module):
     q = apply_rope(q, cos, sin)
     k = apply_rope(k, cos, sin, num_exclude=num_k_exclude_rope)
     dtype = jnp.result_type(q.dtype, k.dtype, v.dtype)  # the SDPA wants one dtype
-    out = masked_attention(q.astype(dtype), k.astype(dtype), v.astype(dtype), key_valid)
+    out = self._attend(q.astype(dtype), k.astype(dtype), v.astype(dtype), key_valid,
+                       fast=lambda q, k, v: masked_attention(q, k, v, key_valid))
     return self.out_proj(out.reshape(*out.shape[:-2], self.embedding_dim))
 
 

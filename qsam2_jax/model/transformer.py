@@ -17,7 +17,7 @@ from qsam2_jax.model import layers
 LN_EPS = 1e-5  # torch nn.LayerNorm default, used by every norm of the transformer
 
 
-class Attention(nnx.Module):
+class Attention(layers.AttentionSlots, nnx.Module):
   """Multi-head attention whose q/k/v project to `embedding_dim // downsample_rate` channels.
 
   `kv_in_dim` lets keys/values come from a narrower stream (memory attention's 64-d memories).
@@ -35,6 +35,7 @@ class Attention(nnx.Module):
     self.k_proj = layers.Linear(kv_in_dim, self.internal_dim, dtype=dtype, rngs=rngs)
     self.v_proj = layers.Linear(kv_in_dim, self.internal_dim, dtype=dtype, rngs=rngs)
     self.out_proj = layers.Linear(self.internal_dim, embedding_dim, dtype=dtype, rngs=rngs)
+    self._init_slots()
 
   def separate_heads(self, x: jax.Array) -> jax.Array:
     """(B, N, C) -> (B, N, heads, C / heads), head-major channels like torch."""
@@ -47,9 +48,11 @@ class Attention(nnx.Module):
     k = self.separate_heads(self.k_proj(k))
     v = self.separate_heads(self.v_proj(v))
     if key_valid is None:
-      out = layers.attention(q, k, v)
+      out = self._attend(q, k, v)
     else:
-      out = jax.nn.dot_product_attention(q, k, v, mask=key_valid.astype(bool)[:, None, None, :])
+      mask = key_valid.astype(bool)[:, None, None, :]
+      out = self._attend(q, k, v, key_valid,
+                         fast=lambda q, k, v: jax.nn.dot_product_attention(q, k, v, mask=mask))
     return self.out_proj(out.reshape(*out.shape[:-2], self.internal_dim))
 
 

@@ -43,11 +43,14 @@ from qsam2_jax.quant.quantizers import (
     QuantSpec,
     QuantStat,
     RangeQuantizer,
+    UnitQuantizer,
     make_quantizer,
 )
 from qsam2_jax.quant.rules import (
+    ATTN_SLOTS,
     ENCODER_LINEARS,
     PAPER_HIGH_PRECISION,
+    SOFTMAX_SLOTS,
     LayerQuant,
     QuantReport,
     QuantRule,
@@ -56,6 +59,7 @@ from qsam2_jax.quant.rules import (
     module_path,
     preset_rules,
     quantize_model,
+    slot_rules,
 )
 from qsam2_jax.quant.vrc import (
     AUTO_GRID,
@@ -79,9 +83,10 @@ __all__ = [
     "QConv", "QConvTranspose2x2", "QLinear", "QuantizedWeight", "calibrate", "optimizer_labels",
     "set_mode",
     "ClipFactor", "LSCQuantizer", "LSQQuantizer", "PACTQuantizer", "Quantizer", "QuantSpec",
-    "QuantStat", "RangeQuantizer", "make_quantizer", "ENCODER_LINEARS", "PAPER_HIGH_PRECISION",
-    "LayerQuant", "QuantReport", "QuantRule", "find_layers", "make_rule", "module_path",
-    "preset_rules", "quantize_model",
+    "QuantStat", "RangeQuantizer", "UnitQuantizer", "make_quantizer", "ATTN_SLOTS",
+    "ENCODER_LINEARS", "PAPER_HIGH_PRECISION", "SOFTMAX_SLOTS", "LayerQuant", "QuantReport",
+    "QuantRule", "find_layers", "make_rule", "module_path", "preset_rules", "quantize_model",
+    "slot_rules",
     "AUTO_GRID", "DEFAULT_LAM0", "GramAccumulator", "VRCLayerReport", "apply_vrc",
     "block_std_reduction", "capture_inputs", "collect_grams", "gram_moments", "lambda_sweep",
     "ridge_refit", "vrc_refit",

@@ -19,6 +19,7 @@ one function that fixes the bound convention (see `core`'s docstring). Methods:
   PACT's 1[x >= alpha] (the step uses stop_gradient(alpha)). No gradient scale. PACT's L2
   penalty lambda alpha^2 (`spec.pact_l2`) is a loss term: `quant.penalty.pact_l2_penalty`,
   added to the training loss (the optimizer applies no weight decay to `ClipFactor`s).
+- `unit`: the fixed unsigned grid on [0, 1] (softmax probabilities), nothing learned.
 - `minmax` / `mse`: no learnable parameter. Range = min/max (zero included, as PyTorch's
   observers) or its MSE-optimal shrink; recomputed from the weights at every call, EMA'd for
   activations like LSC.
@@ -56,7 +57,7 @@ from flax import nnx
 
 from qsam2_jax.quant import core as fq
 
-METHODS = ("lsc", "lsq", "pact", "minmax", "mse")
+METHODS = ("lsc", "lsq", "pact", "minmax", "mse", "unit")
 LSQ_INITS = ("paper", "mse")   # LSQ's step init: 2 mean|x| / sqrt(Q_P), or the MSE range
 GRANULARITIES = ("per_tensor", "per_channel", "per_token")
 # Learnable factors are floored here so that a range can never flip or collapse.
@@ -534,11 +535,30 @@ class RangeQuantizer(Quantizer):
     return lo, fq.step_size(lo, hi, self.spec.n)
 
 
+class UnitQuantizer(Quantizer):
+  """`unit`: the fixed unsigned grid k / (2^b - 1) on [0, 1], for softmax probabilities.
+
+  No learnable factor and no statistic: probabilities lie in [0, 1] by construction, and a
+  data-fitted top below 1 would clip exactly the large weights that decide an attention's
+  output (a learned range is not offered). Only `count` is kept, so calibration can tell
+  that the quantizer saw data.
+  """
+
+  def __init__(self, spec: QuantSpec, *, weight: Optional[jax.Array] = None,
+               num_channels: Optional[int] = None, channel_axis: int = -1):
+    if weight is not None or spec.kind != "unsigned" or spec.granularity != "per_tensor":
+      raise ValueError("the unit quantizer is an unsigned per-tensor activation quantizer")
+    super().__init__(spec, num_channels=num_channels, channel_axis=channel_axis)
+
+  def _range(self, x, update):
+    return jnp.zeros((), jnp.float32), jnp.float32(1.0 / self.spec.n)
+
+
 # One compile per (quantizer class, spec, kernel shape): models have few distinct shapes.
 _jit_init_weight = nnx.jit(lambda q, w: q._init_weight(w))
 
 _CLASSES = {"lsc": LSCQuantizer, "lsq": LSQQuantizer, "pact": PACTQuantizer,
-            "minmax": RangeQuantizer, "mse": RangeQuantizer}
+            "minmax": RangeQuantizer, "mse": RangeQuantizer, "unit": UnitQuantizer}
 
 
 def make_quantizer(spec: Optional[QuantSpec], *, weight: Optional[jax.Array] = None,

@@ -42,10 +42,13 @@ OPTION_FLAGS = {
     "weight_granularity": "--weight-granularity", "act_granularity": "--act-granularity",
     "act_range": "--act-range", "restricted": "--restricted", "ema_momentum": "--ema-momentum",
     "factor_momentum": "--factor-momentum", "grad_scale": "--grad-scale",
-    "search_points": "--search-points", "lsq_init": "--lsq-init", "pact_l2": "--pact-l2"}
+    "search_points": "--search-points", "lsq_init": "--lsq-init", "pact_l2": "--pact-l2",
+    "attn_bits": "--attn-bits", "softmax_bits": "--softmax-bits"}
 # The options that matter without training (PTQ: no gradient, no EMA, no LSQ / PACT).
 PTQ_OPTIONS = ("high_bits", "high_act_bits", "weight_granularity", "act_granularity",
-               "act_range", "restricted", "search_points")
+               "act_range", "restricted", "search_points", "attn_bits", "softmax_bits")
+# Softmax probability bits of the paper preset when the recipe quantizes activations.
+DEFAULT_SOFTMAX_BITS = 8
 
 
 def label(bits: int, act_bits: Optional[int], method: str, preset: str) -> str:
@@ -77,6 +80,12 @@ class QuantRecipe:
   search_points: int = 64  # candidates of the MSE range search
   lsq_init: str = "paper"  # LSQ step init: 2 mean|x|/sqrt(Q_P) (paper) or mse
   pact_l2: float = DEFAULT_PACT_L2  # PACT's lambda alpha^2 loss term
+  # Activation x activation products (paper preset; method.md §3): q, k, v and the mask
+  # decoder's hypernetwork product at `attn_bits` (None: the activation bits), softmax
+  # probabilities on the fixed [0, 1] grid at `softmax_bits` (None: 8, or 16 in weight-only
+  # recipes). 16 = float.
+  attn_bits: Optional[int] = None
+  softmax_bits: Optional[int] = None
 
   def __post_init__(self):
     if self.bits not in BITS:
@@ -88,6 +97,7 @@ class QuantRecipe:
     if self.preset not in PRESETS:
       raise UserError(f"unknown preset {self.preset!r}; expected one of {PRESETS}")
     for name, allowed in (("high_bits", BITS), ("high_act_bits", (None,) + BITS),
+                          ("attn_bits", (None,) + BITS), ("softmax_bits", (None,) + BITS),
                           ("weight_granularity", WEIGHT_GRANULARITIES),
                           ("act_granularity", ACT_GRANULARITIES),
                           ("act_range", (None,) + ACT_RANGE_KINDS), ("lsq_init", LSQ_INITS),
@@ -116,6 +126,16 @@ class QuantRecipe:
     return self.bits if self.act_bits is None else self.act_bits
 
   @property
+  def effective_attn_bits(self) -> int:
+    return self.effective_act_bits if self.attn_bits is None else self.attn_bits
+
+  @property
+  def effective_softmax_bits(self) -> int:
+    if self.softmax_bits is not None:
+      return self.softmax_bits
+    return 16 if self.effective_act_bits >= 16 else DEFAULT_SOFTMAX_BITS
+
+  @property
   def tag(self) -> str:
     return f"w{self.bits}a{self.effective_act_bits}-{self.method}-{self.preset}"
 
@@ -131,7 +151,8 @@ class QuantRecipe:
                         restricted=self.restricted, momentum=self.ema_momentum,
                         factor_momentum=self.factor_momentum, grad_scale=self.grad_scale,
                         search_points=self.search_points, lsq_init=self.lsq_init,
-                        pact_l2=self.pact_l2)
+                        pact_l2=self.pact_l2, attn_bits=self.effective_attn_bits,
+                        softmax_bits=self.effective_softmax_bits)
 
   def apply(self, model: nnx.Module) -> Tuple[nnx.Module, QuantReport]:
     """Quantizes `model` in place (clone it first to keep a float copy)."""
@@ -142,8 +163,12 @@ class QuantRecipe:
 
   @classmethod
   def from_dict(cls, d: Dict[str, Any]) -> "QuantRecipe":
-    """The recipe of `to_dict` (metadata); fields it lacks (older checkpoints) take defaults."""
-    return cls(**{f.name: d[f.name] for f in dataclasses.fields(cls) if f.name in d})
+    """The recipe of `to_dict` (metadata); fields it lacks (older checkpoints) take defaults,
+    except the attention-product bits: recipes made before them had float attention (16)."""
+    kwargs = {f.name: d[f.name] for f in dataclasses.fields(cls) if f.name in d}
+    for name in ("attn_bits", "softmax_bits"):
+      kwargs.setdefault(name, 16)
+    return cls(**kwargs)
 
   def options(self) -> Dict[str, Any]:
     """The quantizer options (`OPTION_FLAGS` fields) and their values."""

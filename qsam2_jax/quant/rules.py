@@ -15,9 +15,10 @@ from typing import Dict, List, NamedTuple, Optional, Sequence, Tuple
 
 from flax import nnx
 
+from qsam2_jax.model.layers import QuantSlot
 from qsam2_jax.quant.core import PASSTHROUGH_BITS
 from qsam2_jax.quant.qlayers import QUANT_LAYER_TYPES, QUANTIZED_LAYERS
-from qsam2_jax.quant.quantizers import QuantSpec
+from qsam2_jax.quant.quantizers import QuantSpec, make_quantizer
 
 log = logging.getLogger(__name__)
 
@@ -36,6 +37,11 @@ PAPER_HIGH_PRECISION = (
     r"mask_downsample",
     r"memory_encoder\.fuser\.layers\.\d+\.dwconv",
 )
+# Identity slots (`layers.QuantSlot`) on the inputs of activation x activation products:
+# q, k, v of every attention (after RoPE in memory attention), the hypernetwork x upscaled-
+# embedding product of the mask decoder, and the softmax probabilities.
+ATTN_SLOTS = (r".*\.(q|k|v)_quant", r"sam_mask_decoder\.(hyper_in|upscaled)_quant")
+SOFTMAX_SLOTS = r".*\.probs_quant"
 # Weight quantizer of each rule method. PACT learns activation clips only; its weights use the
 # per-channel min-max range, recomputed every step (method.md §4). PACT's paper quantizes weights
 # with DoReFa, which maps tanh(w) / max|tanh(w)| to [-1, 1]: that rescales every kernel, which a
@@ -83,10 +89,33 @@ def make_rule(pattern: str, weight_bits: Optional[int], act_bits: Optional[int],
   return QuantRule(pattern, weight, act)
 
 
+def slot_rules(attn_bits: int, softmax_bits: int, *, method: str = "lsc", **options
+               ) -> List[QuantRule]:
+  """Rules of the activation x activation slots (`ATTN_SLOTS`, `SOFTMAX_SLOTS`); 16 bits
+  gives an exclusion rule (the slot stays the identity).
+
+  q, k, v and the hypernetwork operands: `method` input quantizers at `attn_bits`, always per
+  tensor (the slots see (B, L, heads, head_dim) tensors, no layer's channel count). Softmax
+  probabilities: the fixed unsigned grid on [0, 1] (`unit`) at `softmax_bits`, whatever the
+  method.
+  """
+  options = {k: v for k, v in options.items() if k not in ("act_granularity", "restricted")}
+  attn = [make_rule(p, None, None if attn_bits >= PASSTHROUGH_BITS else attn_bits,
+                    method=method, act_granularity="per_tensor", **options) for p in ATTN_SLOTS]
+  probs = QuantRule(SOFTMAX_SLOTS, None, None)
+  if softmax_bits < PASSTHROUGH_BITS:
+    probs = QuantRule(SOFTMAX_SLOTS, None, QuantSpec(bits=softmax_bits, method="unit",
+                                                     signed=False))
+  return attn + [probs]
+
+
 def preset_rules(name: str, bits: int, act_bits: Optional[int] = None, *, method: str = "lsc",
-                 high_bits: int = 8, high_act_bits: Optional[int] = None, **options
-                 ) -> List[QuantRule]:
-  """`paper`: every Linear/Conv at W`bits`A`act_bits`, `PAPER_HIGH_PRECISION` at `high_bits`.
+                 high_bits: int = 8, high_act_bits: Optional[int] = None,
+                 attn_bits: int = PASSTHROUGH_BITS, softmax_bits: int = PASSTHROUGH_BITS,
+                 **options) -> List[QuantRule]:
+  """`paper`: every Linear/Conv at W`bits`A`act_bits`, `PAPER_HIGH_PRECISION` at `high_bits`,
+  and the activation x activation slots at `attn_bits` / `softmax_bits` (`slot_rules`; float
+  by default here, `QuantRecipe` sets them to the activation bits and 8).
 
   `encoder`: only the image encoder's trunk linears (`ENCODER_LINEARS`); the rest stays float.
   `act_bits` defaults to `bits`; `options` go to `make_rule`. The high-precision layers'
@@ -100,7 +129,8 @@ def preset_rules(name: str, bits: int, act_bits: Optional[int] = None, *, method
       high_act = PASSTHROUGH_BITS if act_bits >= PASSTHROUGH_BITS else high_bits
     high = [make_rule(p, high_bits, high_act, method=method, **options)
             for p in PAPER_HIGH_PRECISION]
-    return high + [make_rule(r".*", bits, act_bits, method=method, **options)]
+    slots = slot_rules(attn_bits, softmax_bits, method=method, **options)
+    return high + slots + [make_rule(r".*", bits, act_bits, method=method, **options)]
   if name == "encoder":
     return [make_rule(ENCODER_LINEARS, bits, act_bits, method=method, **options)]
   raise ValueError(f"unknown preset {name!r} (paper, encoder)")
@@ -154,8 +184,10 @@ class QuantReport:
     layers: path -> `LayerQuant`.
     float_layers: quantizable layers left float (no rule matched, or an exclusion rule).
     unused_rules: patterns that matched no layer.
+    slots: path -> `LayerQuant` of each quantized activation x activation slot.
   """
   layers: Dict[str, LayerQuant] = dataclasses.field(default_factory=dict)
+  slots: Dict[str, LayerQuant] = dataclasses.field(default_factory=dict)
   float_layers: List[str] = dataclasses.field(default_factory=list)
   unused_rules: List[str] = dataclasses.field(default_factory=list)
 
@@ -163,6 +195,8 @@ class QuantReport:
     lines = [f"{len(self.layers)} quantized layers, {len(self.float_layers)} float"]
     for name, (cls, wb, ab, wm, am, pat) in self.layers.items():
       lines.append(f"  {name}: {cls} W{wb or 'f'}({wm}) A{ab or 'f'}({am})  [{pat}]")
+    if self.slots:
+      lines.append(f"  {len(self.slots)} quantized attention-product inputs")
     if self.float_layers:
       lines.append("  float: " + ", ".join(self.float_layers))
     if self.unused_rules:
@@ -177,22 +211,34 @@ def quantize_model(model: nnx.Module, rules: Sequence[QuantRule]
   The quantized layers own the original kernel/bias Params (no copy), so the returned model is
   `model` itself: `nnx.clone` it first to keep a float teacher. Weight factors are initialized
   by an MSE search on the current kernels (run VRC before this, or `calibrate` after it).
-  Quantizers start in train mode (`set_mode`).
+  Quantizers start in train mode (`set_mode`). Identity `QuantSlot`s of the model become the
+  input quantizer of the first weightless rule matching their path (reported in `slots`);
+  unmatched slots stay the identity.
   """
   compiled = [(re.compile(r.pattern), r) for r in rules]
   used = [0] * len(rules)
   report = QuantReport()
   base_types = tuple(b for b, _ in QUANTIZED_LAYERS)
-  for path, layer in find_layers(model, base_types):
+  for path, layer in find_layers(model, base_types + (QuantSlot,)):
     if isinstance(layer, QUANT_LAYER_TYPES):
       continue
     name = module_path(path)
+    slot = isinstance(layer, QuantSlot)
     rule = None
     for i, (rx, r) in enumerate(compiled):
-      if rx.fullmatch(name):
+      # A slot has no weight: only rules without a weight side (input-only or exclusion
+      # rules, `slot_rules`) apply to it, so a layer catch-all never quantizes one.
+      if (not slot or r.weight is None) and rx.fullmatch(name):
         used[i] += 1
         rule = r
         break
+    if slot:
+      quantizer = make_quantizer(rule and rule.act)
+      if quantizer is not None:
+        set_child(model, path, quantizer)
+        report.slots[name] = LayerQuant(type(quantizer).__name__, None, rule.act.bits, None,
+                                        rule.act.method, rule.pattern)
+      continue
     if rule is None or (rule.weight is None and rule.act is None):
       report.float_layers.append(name)
       continue
