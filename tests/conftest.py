@@ -70,6 +70,7 @@ def _release_compiled_code():
 # (--dist loadfile --no-loadscope-reorder hands out whole modules in collection order) finish at
 # about the same time.
 _LONG_FIRST = ("test_qat_runs.py", "test_calibrate_ptq.py", "test_export.py", "test_qat.py",
+               "test_quant_baselines.py", "test_packed_model.py", "test_clip_forward.py",
                "test_video_predictor.py", "test_quant_model.py", "test_eval_video.py",
                "test_convert.py")
 
