@@ -130,7 +130,7 @@ class Bench:
     Raises XLA's out-of-memory error when the batch does not fit."""
     import jax
 
-    from train.step import place
+    from qsam2_jax.parallel import place
     st = self.steps
     data = st.batch(synthetic_batch(batch, self.cfg.image_size, self.args.masks_per_image))
     state = [place(self.host[0], st.model_sh), place(self.host[1], st.opt_sh)]

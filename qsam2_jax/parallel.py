@@ -300,6 +300,15 @@ def global_batch(local_batch: Mapping[str, np.ndarray], mesh: Mesh) -> dict[str,
           for k, v in local_batch.items()}
 
 
+def place(state: Any, shardings: Any) -> Any:
+  """Host or single-device values -> global arrays with `shardings` (every process passes the
+  same values; works across processes, unlike a plain `device_put`)."""
+  def one(x, s):
+    x = jax.device_get(x)
+    return jax.make_array_from_callback(x.shape, s, lambda idx: x[idx])
+  return jax.tree.map(one, state, shardings)
+
+
 def commit_to_device(tree, device=None):
   """Places every array of `tree` on `device` (default: the first local one), committed."""
   device = device or jax.local_devices()[0]

@@ -28,11 +28,11 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from qsam2_jax import parallel
+from qsam2_jax.parallel import place, state_shardings
 from qsam2_jax.quant.penalty import pact_l2_penalty
 from qsam2_jax.quant.quantizers import ClipFactor
 from train import clip_forward as cf
 from train import losses
-from train.step import place, prepare_for_training, state_shardings  # noqa: F401 (re-export)
 
 Batch = Dict[str, jax.Array]
 

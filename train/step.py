@@ -39,8 +39,9 @@ from jax.sharding import Mesh
 
 from qsam2_jax import parallel
 from qsam2_jax.data import prompts
+from qsam2_jax.parallel import place, state_shardings
 from qsam2_jax.quant.penalty import pact_l2_penalty
-from qsam2_jax.quant.quantizers import ClipFactor
+from qsam2_jax.quant.qlayers import optimizer_labels
 from train import losses
 
 Batch = Dict[str, jax.Array]
@@ -135,15 +136,15 @@ def mask_ious(model: nnx.Module, batch: Batch) -> Tuple[jax.Array, jax.Array]:
 
 
 def param_labels(model: nnx.Module) -> nnx.State:
-  """`decay` / `no_decay` / `clip` for every Param of `model` (the `optax.partition` labels)."""
-  def label(path, v):
-    if isinstance(v, ClipFactor):
-      return "clip"
+  """`decay` / `no_decay` / `clip` for every Param of `model` (the `optax.partition` labels):
+  the library's `optimizer_labels` marks the clip factors, the rest split by shape."""
+  def label(path, v, base):
+    if base == "clip":
+      return base
     name = parallel.path_str(path).rsplit("/", 1)[-1]
-    if name in ("bias", "scale") or len(v.shape) <= 1:
-      return "no_decay"
-    return "decay"
+    return "no_decay" if name in ("bias", "scale") or len(v.shape) <= 1 else "decay"
   return jax.tree_util.tree_map_with_path(label, nnx.state(model, nnx.Param),
+                                          optimizer_labels(model, default="decay"),
                                           is_leaf=lambda v: isinstance(v, nnx.Variable))
 
 
@@ -178,20 +179,6 @@ def make_optimizer(model: nnx.Module, **tx_kwargs: Any) -> nnx.Optimizer:
 
 
 # ------------------------------------------------------------------------------ jitted steps
-
-
-def state_shardings(state: Any, mesh: Mesh) -> Any:
-  """Parameters and optimizer state over `fsdp` (replicated when fsdp = 1)."""
-  return parallel.state_shardings(state, mesh)
-
-
-def place(state: Any, shardings: Any) -> Any:
-  """Host or single-device values -> global arrays with `shardings` (every process passes the
-  same values; works across processes, unlike a plain `device_put`)."""
-  def one(x, s):
-    x = jax.device_get(x)
-    return jax.make_array_from_callback(x.shape, s, lambda idx: x[idx])
-  return jax.tree.map(one, state, shardings)
 
 
 class Steps:
