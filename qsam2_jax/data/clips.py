@@ -36,6 +36,7 @@ import numpy as np
 from PIL import Image
 
 from qsam2_jax.data import transforms
+from qsam2_jax.data.davis import read_label_png
 from qsam2_jax.errors import UserError
 
 _STREAM = 0xC11  # separates the clip RNG from the image pipeline's
@@ -61,14 +62,7 @@ class Video(Protocol):
 
 
 def _read_png(path: str) -> np.ndarray:
-  try:
-    with Image.open(path) as img:
-      if img.mode in ("RGB", "RGBA"):
-        raise VideoDataError(f"{path}: an RGB PNG; expected palette (mode P) or grayscale PNGs "
-                             "whose values are object ids")
-      return np.array(img)
-  except OSError as e:
-    raise VideoDataError(f"{path}: cannot read this PNG: {e}") from e
+  return read_label_png(path, VideoDataError)
 
 
 def _jpegs(folder: str) -> Dict[str, str]:

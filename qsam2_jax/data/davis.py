@@ -109,7 +109,7 @@ def index_video(jpeg_root: str, ann_root: str, name: str, protocol: str) -> Vide
                      tuple(_annotated(name, ann_dir, stems, frame_names)))
     first = os.path.join(ann_dir, frame_names[0] + ".png")
     _check_size(item, first)
-    labels = _read_png(first)
+    labels = read_label_png(first)
     if not np.any((labels != 0) & (labels != VOID_LABEL)):
       raise DatasetError(f"video {name!r}: no object in the first frame's annotation {first}, "
                          "nothing to prompt")
@@ -181,15 +181,18 @@ def index_dataset(root: str, protocol: str = "davis", videos: Optional[Sequence[
   return [index_video(jpeg_root, ann_root, n, protocol) for n in names]
 
 
-def _read_png(path: str) -> np.ndarray:
+def read_label_png(path: str, error: Optional[type[UserError]] = None) -> np.ndarray:
+  """Object ids of a palette or grayscale annotation PNG; `error` (default `DatasetError`) for
+  an RGB or unreadable file (the training reader raises its own type)."""
+  error = error or DatasetError
   try:
     with Image.open(path) as img:
       if img.mode in ("RGB", "RGBA"):
-        raise DatasetError(f"{path}: an RGB PNG; expected palette (mode P) or grayscale PNGs "
-                           "whose values are object ids")
+        raise error(f"{path}: an RGB PNG; expected palette (mode P) or grayscale PNGs "
+                    "whose values are object ids")
       return np.array(img)
   except OSError as e:
-    raise DatasetError(f"{path}: cannot read this PNG: {e}") from e
+    raise error(f"{path}: cannot read this PNG: {e}") from e
 
 
 def load_ground_truth(item: VideoItem, protocol: str) -> VideoMasks:
@@ -197,7 +200,7 @@ def load_ground_truth(item: VideoItem, protocol: str) -> VideoMasks:
   if protocol == "davis":
     maps = []
     for t in item.annotated:
-      m = _read_png(os.path.join(item.ann_dir, item.frame_names[t] + ".png"))
+      m = read_label_png(os.path.join(item.ann_dir, item.frame_names[t] + ".png"))
       if m.ndim != 2:
         raise DatasetError(f"{item.ann_dir}/{item.frame_names[t]}.png: expected a 2-D label map, "
                            f"got shape {m.shape}")
@@ -215,7 +218,7 @@ def load_ground_truth(item: VideoItem, protocol: str) -> VideoMasks:
     for t in item.annotated:
       path = os.path.join(folder, item.frame_names[t] + ".png")
       if os.path.exists(path):
-        frames.append(_read_png(path) != 0)
+        frames.append(read_label_png(path) != 0)
       else:
         frames.append(None)  # this object is not annotated on this frame: empty
     shape = next(f.shape for f in frames if f is not None)
