@@ -80,6 +80,52 @@ def test_batch_that_does_not_fit_is_refused_early(tmp_path, capsys):
   assert time.time() - t < 10
 
 
+def test_image_step_decodes_prompts_as_sam2():
+  """The image step's padded prompt slots (clicks + box corners) give exactly the outputs of
+  SAM2's decoder on the unpadded prompt, [TL, BR, pad] for a box and [c1, pad] for one click
+  (PyTorch `sam2`, same random weights, all four mask tokens): training sees what evaluation
+  and the predictors see."""
+  import torch
+
+  from qsam2_jax.data import prompts
+  from qsam2_jax.model.configs import get_config
+  from torch_reference import build_torch_sam2, to_numpy
+  size = 64
+  cfg = get_config("sam2.1_hiera_t", image_size=size)
+  tm = build_torch_sam2(cfg, seed=3)
+  model = checkpoint.model_from_state_dict(
+      {k: to_numpy(v) for k, v in tm.state_dict().items()}, cfg)
+  steplib.prepare_for_training(model)
+  rng = np.random.default_rng(0)
+  image = rng.normal(size=(1, size, size, 3)).astype(np.float32)
+  box = np.array([9.0, 14.0, 40.0, 51.0], np.float32)
+  click = np.array([30.0, 22.0], np.float32)
+  pad = np.zeros((3, 2), np.float32)
+  batch = {"image": jnp.asarray(image),
+           "point_coords": jnp.asarray(np.stack([pad, np.concatenate([click[None], pad[:2]])])[None]),
+           "point_labels": jnp.asarray(np.array([[[-1, -1, -1], [1, -1, -1]]], np.int32)),
+           "boxes": jnp.asarray(np.stack([box, box])[None]),
+           "use_box": jnp.asarray(np.array([[True, False]])),
+           "valid": jnp.asarray(np.array([[True, True]]))}
+  got = jax.jit(lambda m, b: steplib.predict(m, b))(model, batch)
+  assert np.asarray(got["multi"]).tolist() == [False, True]
+  with torch.no_grad():
+    out = tm.forward_image(torch.from_numpy(image.transpose(0, 3, 1, 2)))
+    fpn = out["backbone_fpn"]
+    embed = fpn[-1] + tm.no_mem_embed.view(1, -1, 1, 1)
+    for row, (pts, lab) in enumerate([(box.reshape(2, 2), [prompts.BOX_TL_LABEL,
+                                                            prompts.BOX_BR_LABEL]),
+                                      (click[None], [prompts.POS_LABEL])]):
+      sparse, dense = tm.sam_prompt_encoder(
+          points=(torch.from_numpy(pts)[None], torch.tensor([lab])), boxes=None, masks=None)
+      masks, iou, _, obj = tm.sam_mask_decoder.predict_masks(
+          embed, tm.sam_prompt_encoder.get_dense_pe(), sparse, dense, repeat_image=False,
+          high_res_features=list(fpn[:-1]))
+      assert rel_err(np.asarray(got["masks"][row]), to_numpy(masks[0])) <= 1e-4, row
+      assert rel_err(np.asarray(got["iou"][row]), to_numpy(iou[0])) <= 1e-4, row
+      assert rel_err(np.asarray(got["obj"][row]), to_numpy(obj[0])) <= 1e-4, row
+
+
 def test_param_groups_and_schedule():
   model = checkpoint.abstract_model(tiny_config(),
                                     quant=QuantRecipe(bits=4, preset="encoder").to_dict())
@@ -90,10 +136,32 @@ def test_param_groups_and_schedule():
   assert labels["image_encoder/trunk/blocks/0/norm1/scale"] == "no_decay"
   assert labels["image_encoder/trunk/blocks/0/attn/qkv/weight_quantizer/alpha"] == "clip"
   assert set(labels.values()) == {"decay", "no_decay", "clip"}
+  vision = {parallel.path_str(p): v for p, v in
+            jax.tree_util.tree_leaves_with_path(steplib.param_labels(model, vision=True))}
+  assert vision["image_encoder/trunk/blocks/0/attn/qkv/kernel"] == "vision_decay"
+  assert vision["image_encoder/trunk/blocks/0/norm1/scale"] == "vision_no_decay"
+  assert vision["image_encoder/trunk/blocks/0/attn/qkv/weight_quantizer/alpha"] == "clip"
+  assert vision["sam_mask_decoder/iou_prediction_head/layers/0/kernel"] == "decay"
   sched = steplib.lr_schedule(1.0, steps=10, warmup=2)
   lrs = [float(sched(t)) for t in range(11)]
   assert lrs[0] == pytest.approx(1 / 3) and lrs[2] == pytest.approx(1.0)
   assert all(a >= b for a, b in zip(lrs[2:], lrs[3:])) and lrs[9] > 0 and lrs[10] == 0
+
+
+def test_vision_lr_sets_the_image_encoders_step():
+  """`--vision-lr`: Adam's first step moves each weight by about its group's rate (|m̂/√v̂| = 1),
+  so the image encoder moves by vision_lr and the decoder by lr."""
+  model = build_sam2(tiny_config(), seed=0)
+  params = nnx.state(model, nnx.Param)
+  tx = steplib.make_tx(model, lr=1e-3, vision_lr=1e-5, clip_lr=1e-2, weight_decay=0.0,
+                       steps=10, warmup=0, grad_clip=0.0)
+  grads = jax.tree_util.tree_map(lambda v: jnp.ones_like(v), params)
+  updates, _ = tx.update(grads, tx.init(params), params)
+  step = {parallel.path_str(p): float(jnp.max(jnp.abs(u)))
+          for p, u in jax.tree_util.tree_leaves_with_path(updates)}
+  assert step["image_encoder/trunk/blocks/0/attn/qkv/kernel"] == pytest.approx(1e-5, rel=1e-3)
+  assert step["sam_mask_decoder/iou_prediction_head/layers/0/kernel"] == pytest.approx(1e-3,
+                                                                                        rel=1e-3)
 
 
 # ------------------------------------------------------------------------------ sharded step

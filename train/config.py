@@ -89,6 +89,7 @@ class TrainConfig:
   batch_size: int = 16  # global, over all processes
   masks_per_image: int = 8
   lr: float = 1e-5
+  vision_lr: Optional[float] = None  # the image encoder's weights; None: `lr`
   clip_lr: float = 1e-3
   weight_decay: float = 0.01
   warmup_steps: Optional[int] = None  # None: 5 % of the steps
@@ -169,8 +170,10 @@ class TrainConfig:
     for name in ("save_every", "eval_every", "eval_images", "calib_clips", "correction_clicks"):
       if getattr(self, name) < 0:
         raise UserError(f"--{name.replace('_', '-')} must be at least 0")
-    for name in ("lr", "clip_lr", "weight_decay", "grad_clip", "distill"):
+    for name in ("lr", "vision_lr", "clip_lr", "weight_decay", "grad_clip", "distill"):
       v = getattr(self, name)
+      if v is None:
+        continue
       if not (math.isfinite(v) and v >= 0):
         raise UserError(f"--{name.replace('_', '-')} must be a non-negative number, got {v}")
     if self.warmup_steps is not None and not 0 <= self.warmup_steps <= self.steps:

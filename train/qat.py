@@ -130,6 +130,8 @@ def build_parser() -> argparse.ArgumentParser:
                  help=f"global batch, images over all processes {default('batch_size')}")
   g.add_argument("--lr", type=nonnegative_float,
                  help=f"weights' peak learning rate {default('lr')}")
+  g.add_argument("--vision-lr", type=nonnegative_float,
+                 help="image encoder weights' peak learning rate (SAM2's vision_lr; default: --lr)")
   g.add_argument("--clip-lr", type=nonnegative_float,
                  help=f"clip factors' peak learning rate {default('clip_lr')}")
   g.add_argument("--weight-decay", type=nonnegative_float, help=f"{default('weight_decay')}")
@@ -461,7 +463,8 @@ def _run(cfg: TrainConfig, out: str, meta_saved: Optional[Dict[str, Any]], mesh,
         f"{cfg.video_data or 'synthetic videos'} ({len(video_src)} videos)")
 
   # -------- optimizer, jitted steps, state on the mesh
-  tx_args = dict(lr=cfg.lr, clip_lr=cfg.clip_lr, weight_decay=cfg.weight_decay, steps=cfg.steps,
+  tx_args = dict(lr=cfg.lr, vision_lr=cfg.vision_lr, clip_lr=cfg.clip_lr,
+                 weight_decay=cfg.weight_decay, steps=cfg.steps,
                  warmup=cfg.warmup, grad_clip=cfg.grad_clip)
   if meta_saved is None:
     optimizer = steplib.make_optimizer(model, **tx_args)

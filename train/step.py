@@ -8,6 +8,8 @@ nothing is lost to plain `jax.jit` not writing mutations back. The state is dona
 Training semantics (SAM2's image path):
 - every image carries K masks (padded, `valid`); each is prompted by its jittered box or by
   clicks (`data.prompts`), merged into corner / click points by `prompts.to_point_prompts`;
+  unused slots are masked out of the decoder's attention, so a box is decoded exactly as
+  SAM2 (and `ImagePredictor`) decode [TL, BR, pad], and clicks as [c1, ..., pad];
 - the decoder runs once for all K prompts of an image (the image features repeated K times) and
   yields all four mask tokens; as in SAM2, a prompt of exactly one click is supervised on the
   three multimask outputs (only the lowest-loss one back-propagated), any other prompt (a box,
@@ -22,7 +24,9 @@ Training semantics (SAM2's image path):
 
 Optimizer: AdamW in three groups — `decay` (kernels and other >= 2-D weights), `no_decay`
 (biases, norm scales, 1-D tensors) at `lr`, and `clip` (every `ClipFactor`) at `clip_lr`, both
-without weight decay — after global-norm clipping, with linear warmup and cosine decay. Moments
+without weight decay; with `vision_lr` the image encoder's weights form two more groups at that
+rate (SAM2 trains its backbone slower; from scratch, a fast backbone inflates the image
+embedding until the prompt no longer reaches the mask) — after global-norm clipping, with linear warmup and cosine decay. Moments
 are float32 like the parameters; the model's `dtype` only sets the compute precision.
 """
 
@@ -76,9 +80,13 @@ def predict(model: nnx.Module, batch: Batch) -> Dict[str, jax.Array]:
 
   pe = model.sam_prompt_encoder
   sparse, dense = pe(points=(coords, labels), boxes=None, masks=None)
+  # Unused slots are masked out of the decoder; the prompt encoder's own pad token stays, so
+  # a box is decoded as SAM2 decodes [TL, BR, pad] and clicks as [c1, ..., pad].
+  used = labels != prompts.PAD_LABEL
+  valid = jnp.concatenate([used, jnp.ones((b * k, sparse.shape[1] - used.shape[1]), bool)], 1)
   masks, iou, _, obj = model.sam_mask_decoder.predict_masks(
       rep(embed), pe.get_dense_pe(), sparse, dense, repeat_image=False,
-      high_res_features=[rep(h) for h in high_res])
+      high_res_features=[rep(h) for h in high_res], prompt_valid=valid)
   multi = jnp.sum(labels != prompts.PAD_LABEL, axis=-1) == 1
   return {"masks": masks, "iou": iou, "obj": obj, "multi": multi}
 
@@ -135,14 +143,18 @@ def mask_ious(model: nnx.Module, batch: Batch) -> Tuple[jax.Array, jax.Array]:
 # ------------------------------------------------------------------------------ optimizer
 
 
-def param_labels(model: nnx.Module) -> nnx.State:
+def param_labels(model: nnx.Module, vision: bool = False) -> nnx.State:
   """`decay` / `no_decay` / `clip` for every Param of `model` (the `optax.partition` labels):
-  the library's `optimizer_labels` marks the clip factors, the rest split by shape."""
+  the library's `optimizer_labels` marks the clip factors, the rest split by shape. With
+  `vision`, the image encoder's weights get `vision_decay` / `vision_no_decay` (SAM2's separate
+  `vision_lr`)."""
   def label(path, v, base):
     if base == "clip":
       return base
-    name = parallel.path_str(path).rsplit("/", 1)[-1]
-    return "no_decay" if name in ("bias", "scale") or len(v.shape) <= 1 else "decay"
+    key = parallel.path_str(path)
+    kind = ("no_decay" if key.rsplit("/", 1)[-1] in ("bias", "scale") or len(v.shape) <= 1
+            else "decay")
+    return f"vision_{kind}" if vision and key.startswith("image_encoder/") else kind
   return jax.tree_util.tree_map_with_path(label, nnx.state(model, nnx.Param),
                                           optimizer_labels(model, default="decay"),
                                           is_leaf=lambda v: isinstance(v, nnx.Variable))
@@ -161,14 +173,19 @@ def lr_schedule(peak: float, steps: int, warmup: int, final: float = 0.0) -> opt
 
 
 def make_tx(model: nnx.Module, *, lr: float, clip_lr: float, weight_decay: float, steps: int,
-            warmup: int, grad_clip: float) -> optax.GradientTransformation:
-  """Global-norm clipping, then AdamW per group (module docstring)."""
+            warmup: int, grad_clip: float, vision_lr: Optional[float] = None
+            ) -> optax.GradientTransformation:
+  """Global-norm clipping, then AdamW per group (module docstring); `vision_lr` (None: `lr`)
+  is the image encoder's peak rate, as SAM2's recipe sets one for the vision backbone."""
   def adamw(peak, wd):
     return optax.adamw(lr_schedule(peak, steps, warmup), b1=0.9, b2=0.999, eps=1e-8,
                        weight_decay=wd)
   groups = {"decay": adamw(lr, weight_decay), "no_decay": adamw(lr, 0.0),
             "clip": adamw(clip_lr, 0.0)}
-  parts = [optax.partition(groups, param_labels(model))]
+  vision = vision_lr is not None
+  if vision:
+    groups.update(vision_decay=adamw(vision_lr, weight_decay), vision_no_decay=adamw(vision_lr, 0.0))
+  parts = [optax.partition(groups, param_labels(model, vision))]
   if grad_clip > 0:
     parts.insert(0, optax.clip_by_global_norm(grad_clip))
   return optax.chain(*parts)
