@@ -26,8 +26,8 @@ Optimizer: AdamW in three groups — `decay` (kernels and other >= 2-D weights),
 (biases, norm scales, 1-D tensors) at `lr`, and `clip` (every `ClipFactor`) at `clip_lr`, both
 without weight decay; with `vision_lr` the image encoder's weights form two more groups at that
 rate (SAM2 trains its backbone slower; from scratch, a fast backbone inflates the image
-embedding until the prompt no longer reaches the mask) — after global-norm clipping, with linear warmup and cosine decay. Moments
-are float32 like the parameters; the model's `dtype` only sets the compute precision.
+embedding until the prompt no longer reaches the mask) — after global-norm clipping, with
+linear warmup and cosine decay. Moments are float32 like the parameters; the model's `dtype` only sets the compute precision.
 """
 
 from __future__ import annotations
@@ -184,7 +184,8 @@ def make_tx(model: nnx.Module, *, lr: float, clip_lr: float, weight_decay: float
             "clip": adamw(clip_lr, 0.0)}
   vision = vision_lr is not None
   if vision:
-    groups.update(vision_decay=adamw(vision_lr, weight_decay), vision_no_decay=adamw(vision_lr, 0.0))
+    groups.update(vision_decay=adamw(vision_lr, weight_decay),
+                  vision_no_decay=adamw(vision_lr, 0.0))
   parts = [optax.partition(groups, param_labels(model, vision))]
   if grad_clip > 0:
     parts.insert(0, optax.clip_by_global_norm(grad_clip))
