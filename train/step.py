@@ -27,7 +27,8 @@ Optimizer: AdamW in three groups — `decay` (kernels and other >= 2-D weights),
 without weight decay; with `vision_lr` the image encoder's weights form two more groups at that
 rate (SAM2 trains its backbone slower; from scratch, a fast backbone inflates the image
 embedding until the prompt no longer reaches the mask) — after global-norm clipping, with
-linear warmup and cosine decay. Moments are float32 like the parameters; the model's `dtype` only sets the compute precision.
+linear warmup and cosine decay. Moments are float32 like the parameters; the model's `dtype`
+only sets the compute precision.
 """
 
 from __future__ import annotations
