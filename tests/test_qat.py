@@ -30,7 +30,9 @@ from train import losses, qat, step as steplib
     (["--method", "gptq"], "--method: invalid choice: 'gptq'"),
     (["--data", "/no/such/data"], "--data /no/such/data does not exist"),
     (["--vrc-lambda", "-1"], "--vrc-lambda"),
-    (["--steps", "0"], "--steps: must be at least 1")])
+    (["--steps", "0"], "--steps: must be at least 1"),
+    (["--box-prob", "1.5"], "--box-prob must be in [0, 1], got 1.5"),
+    (["--vision-lr", "-1"], "--vision-lr")])
 def test_cli_errors(argv, match, capsys):
   t = time.time()
   assert qat.main(argv) == 2

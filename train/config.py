@@ -88,6 +88,7 @@ class TrainConfig:
   steps: int = 5000
   batch_size: int = 16  # global, over all processes
   masks_per_image: int = 8
+  box_prob: float = 0.5  # share of masks prompted by their box (else clicks), train and eval
   lr: float = 1e-5
   vision_lr: Optional[float] = None  # the image encoder's weights; None: `lr`
   clip_lr: float = 1e-3
@@ -176,6 +177,8 @@ class TrainConfig:
         continue
       if not (math.isfinite(v) and v >= 0):
         raise UserError(f"--{name.replace('_', '-')} must be a non-negative number, got {v}")
+    if not 0.0 <= self.box_prob <= 1.0:
+      raise UserError(f"--box-prob must be in [0, 1], got {self.box_prob}")
     if self.warmup_steps is not None and not 0 <= self.warmup_steps <= self.steps:
       raise UserError(f"--warmup-steps must be in [0, --steps], got {self.warmup_steps}")
     if self.eval_batch_size is not None and self.eval_batch_size < 1:

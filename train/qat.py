@@ -121,6 +121,9 @@ def build_parser() -> argparse.ArgumentParser:
                  "checkpoint's; 256 for the embedded one)")
   g.add_argument("--masks-per-image", type=positive_int,
                  help=f"masks sampled per image {default('masks_per_image')}")
+  g.add_argument("--box-prob", type=nonnegative_float,
+                 help="share of masks prompted by their jittered box, the others by clicks, in "
+                      f"training and the held-out evaluation {default('box_prob')}")
   g.add_argument("--dtype", type=dtype_name,
                  help=f"compute dtype: bfloat16 (bf16) or float32 (fp32); weights stay float32 "
                  f"{default('dtype')}")
@@ -249,7 +252,7 @@ def open_data(cfg: TrainConfig, image_size: Optional[int]):
 
 def data_config(cfg: TrainConfig, image_size: int, *, train: bool):
   from qsam2_jax.data import pipeline, prompts
-  pc = prompts.PromptConfig(max_masks=cfg.masks_per_image)
+  pc = prompts.PromptConfig(max_masks=cfg.masks_per_image, box_prob=cfg.box_prob)
   if train:
     return pipeline.DataConfig(image_size=image_size, prompts=pc, seed=cfg.seed,
                                num_threads=cfg.data_threads)
