@@ -12,9 +12,10 @@ click instead, at the mask pixel farthest from its boundary (SAM's deterministic
 and keeps the best of the three multimask outputs by predicted IoU (SAM2's reading of a
 one-point prompt). `--predict floor-box` / `floor-ellipse` replace the model by the prompt box
 itself (every pixel centre inside the box) or the ellipse inscribed in it, scored by the same
-code: the floor a model has to beat to show it segments rather than copies the box. mIoU is the mean IoU of predicted and ground-truth masks
-over instances, overall and per COCO area bucket (by the annotation's `area`). Mask AP comes
-from pycocotools' COCOeval on the same predictions, scored by the predicted IoU.
+code: the floor a model has to beat to show it segments rather than copies the box.
+mIoU is the mean IoU of predicted and ground-truth masks over instances, overall and per COCO
+area bucket (by the annotation's `area`). Mask AP comes from pycocotools' COCOeval on the same
+predictions, scored by the predicted IoU.
 
 With `--boxes FILE` (a COCO results file: image_id, category_id, bbox [x, y, w, h], score) the
 detections are the prompts: every detection (up to --max-dets per image, best first) gives one
