@@ -163,13 +163,15 @@ def build_parser() -> argparse.ArgumentParser:
   g.add_argument("--pretrain-args", default="", help="to the pretraining only")
   g.add_argument("--qat-args", default="", help="to every QAT run only")
   g.add_argument("--ptq-args", default="", help="to every train.ptq / train.calibrate run")
-  g.add_argument("--eval-args", default="", help="to every eval.image / eval.video run")
+  g.add_argument("--image-eval-args", default="", help="to every eval.image run of a model")
+  g.add_argument("--video-eval-args", default="", help="to every eval.video run")
   return p
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
   args = build_parser().parse_args(argv)
-  for name in ("train_args", "pretrain_args", "qat_args", "ptq_args", "eval_args"):
+  for name in ("train_args", "pretrain_args", "qat_args", "ptq_args", "image_eval_args",
+               "video_eval_args"):
     try:
       setattr(args, name, shlex.split(getattr(args, name)))
     except ValueError as e:
@@ -259,7 +261,7 @@ class Plan:
     splits = (("train-images", a.data, a.train_images, 0), ("val-images", a.val_data,
               a.val_images, 1), ("test-images", a.test_data, a.test_images, 2))
     for name, given, n, seed in splits:
-      if given is None:
+      if given is None and not (name == "val-images" and a.data is not None):
         runs.append(Run(name, self.folder("data", name), "eval.synthetic",
                         ["images", "--images", n, "--size", *size, "--seed", seed, "--quiet"]))
     videos = (("train-videos", a.video_data, a.train_videos, 0),
@@ -419,11 +421,11 @@ class Plan:
     img = ["--ckpt", model, "--data", test, *size, "--overlays", 4, "--no-progress"]
     return [
         Run(f"{name} image-box", self.folder("eval", name, "image-box"), "eval.image",
-            [*img, *a.eval_args], metrics=image_metrics),
+            [*img, *a.image_eval_args], metrics=image_metrics),
         Run(f"{name} image-click", self.folder("eval", name, "image-click"), "eval.image",
-            [*img, "--prompt", "click", *a.eval_args], metrics=image_metrics),
+            [*img, "--prompt", "click", *a.image_eval_args], metrics=image_metrics),
         Run(f"{name} video", self.folder("eval", name, "video"), "eval.video",
-            ["--ckpt", model, "--data", videos, *size, "--quiet", *a.eval_args],
+            ["--ckpt", model, "--data", videos, *size, "--quiet", *a.video_eval_args],
             metrics=video_metrics),
         Run(f"{name} size", self.folder("eval", name, "size"), "eval.size",
             ["--ckpt", model, "--json", os.path.join(self.folder("eval", name, "size"), "out",
@@ -474,10 +476,16 @@ def stage_quantize(plan: Plan, say=print) -> None:
       _run_all(plan.lr_runs(m), say)
       c = plan.lr_choice(m)
     say(f"  {m}: lr {c[0]:g} (validation mIoU {c[1]:.4f})")
+  if any(_uses_vrc(r) for r in rows):   # VRC's figures (Fig. 3, the lambda sweep of Fig. 5)
+    _run_all([plan.vrc_run()], say)      # on the trained proxy, for the report
   for row in rows:
     runs = plan.model_runs(row)
     assert runs is not None, row   # every choice was made above
     _run_all(runs, say)
+
+
+def _uses_vrc(row: sr.Row) -> bool:
+  return row.vrc_init or "vrc" in row.method or row.method == "qsam2"
 
 
 def stage_evaluate(plan: Plan, say=print) -> None:

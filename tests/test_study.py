@@ -97,6 +97,19 @@ def test_plan_commands(tmp_path):
   assert len(q2) == 1 and q2[0].folder.endswith(os.path.join("lr", "qat-qsam2-w2a2-lr0.001"))
 
 
+def test_plan_with_user_data(tmp_path):
+  """--data without --val-data: no synthetic validation split; the trainer holds out the last
+  images of --data; the test split is the user's."""
+  for d in ("coco", "coco_test"):
+    (tmp_path / d).mkdir()
+  plan = _plan(tmp_path, "--data", str(tmp_path / "coco"), "--test-data",
+               str(tmp_path / "coco_test"))
+  assert [r.name for r in plan.data_runs()] == ["train-videos", "test-videos"]
+  cmd = plan.pretrain_run().command_line()
+  assert f"--data {tmp_path / 'coco'} " in cmd and "--val-data" not in cmd
+  assert plan.split("test-images") == str(tmp_path / "coco_test")
+
+
 def _fake_lr(plan, vals):
   """done.json of the LR-selection runs: {method: (val mIoU at lr 1e-4, at 1e-3)}."""
   for m, (a, b) in vals.items():
@@ -313,7 +326,7 @@ def test_tiny_study_end_to_end_then_skips(tmp_path, monkeypatch):
           "--lr-grid", "1e-4", "--seeds", "0", "--batch-size", "2", "--masks-per-image", "2",
           "--calib-images", "2", "--save-every", "1", "--eval-every", "0",
           "--train-args", "--correction-clicks 0 --calib-clips 1 --video-objects 1 "
-                          "--data-threads 1 --eval-batch-size 2"]
+                          "--eval-batch-size 2"]
   t0 = time.time()
   assert study.main(argv) == 0, open(next(iter(_logs(tmp_path)), os.devnull)).read()[-3000:]
   first = time.time() - t0
