@@ -148,7 +148,13 @@ def build_parser() -> argparse.ArgumentParser:
   g.add_argument("--video-frames", type=positive_int, default=8,
                  help="frames per training clip (default: %(default)s)")
   g.add_argument("--calib-images", type=positive_int, default=16,
-                 help="PTQ / VRC / range-calibration images (default: %(default)s)")
+                 help="QAT range-calibration images (default: %(default)s)")
+  g.add_argument("--vrc-images", type=positive_int, default=256,
+                 help="VRC images (train.qat --vrc-images, train.calibrate --images) and the "
+                      "calibration images of every PTQ method alike; VRC re-fits a layer only "
+                      "with at least as many input rows as input dimensions, and the last Hiera "
+                      "stage gives (S/32)^2 tokens an image for dimensions up to 3072: 192 "
+                      "images at 128^2 (default: %(default)s)")
   g.add_argument("--dtype", default="float32", help="compute dtype of training "
                                                     "(default: %(default)s)")
   g.add_argument("--save-every", type=nonnegative_int, default=200,
@@ -332,7 +338,7 @@ class Plan:
     a = self.a
     return Run("vrc-w2", self.folder("quantize", "vrc-w2"), "train.calibrate",
                ["--init", self.fp_path, "--data", self.split("train-images"), "--images",
-                a.calib_images, "--bits", 2, "--image-size", a.image_size, "--quiet",
+                a.vrc_images, "--bits", 2, "--image-size", a.image_size, "--quiet",
                 *a.ptq_args])
 
   def qat_run(self, row: sr.Row, lr: float, name: str, folder: str) -> Run:
@@ -340,7 +346,7 @@ class Plan:
     init = os.path.join(self.vrc_run().out) if row.vrc_init else self.fp_path
     args = ["--method", row.method, "--bits", row.bits, "--init", init, *self._train_common(),
             "--steps", a.qat_steps, "--lr", f"{lr:g}", "--eval-every", 0, "--seed", row.seed,
-            "--calib-images", a.calib_images, "--vrc-images", a.calib_images,
+            "--calib-images", a.calib_images, "--vrc-images", a.vrc_images,
             *row.qat_flags, *a.train_args, *a.qat_args]
     return Run(name, folder, "train.qat", args, resumable=True, metrics=trainer_metrics)
 
@@ -393,7 +399,7 @@ class Plan:
     if row.kind == "ptq":
       return [Run(row.name, self.folder("quantize", row.name), "train.ptq",
                   ["--init", self.fp_path, "--bits", row.bits, "--method", row.method,
-                   "--data", self.split("train-images"), "--images", a.calib_images,
+                   "--data", self.split("train-images"), "--images", a.vrc_images,
                    "--eval-images", 8, "--image-size", a.image_size, "--quiet",
                    *a.ptq_args])]
     row = self.resolve(row)

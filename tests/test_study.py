@@ -85,6 +85,7 @@ def test_plan_commands(tmp_path):
   assert plan.model_runs(rows["qat-lsq-w4a4"]) is None    # the LR is not chosen yet
   ptq = plan.model_runs(rows["ptq-vrcmse-w2a2"])[0].command_line()
   assert "train.ptq" in ptq and "--method vrc+mse" in ptq and "--bits 2" in ptq
+  assert "--images 256" in ptq   # enough rows for VRC on the last Hiera stage at 128²
   _fake_lr(plan, {"qsam2": (0.2, 0.3), "lsq": (0.1, 0.05)})
   nomom = plan.model_runs(rows["abl-nomomentum-w2a2"])[-1].command_line()
   assert "--method qsam2 --bits 2" in nomom and "--ema-momentum 0" in nomom
@@ -324,7 +325,7 @@ def test_tiny_study_end_to_end_then_skips(tmp_path, monkeypatch):
           "--train-videos", "2", "--test-videos", "1", "--video-length", "4",
           "--video-frames", "2", "--pretrain-steps", "2", "--qat-steps", "2",
           "--lr-grid", "1e-4", "--seeds", "0", "--batch-size", "2", "--masks-per-image", "2",
-          "--calib-images", "2", "--save-every", "1", "--eval-every", "0",
+          "--calib-images", "2", "--vrc-images", "2", "--save-every", "1", "--eval-every", "0",
           "--train-args", "--correction-clicks 0 --calib-clips 1 --video-objects 1 "
                           "--eval-batch-size 2"]
   t0 = time.time()
