@@ -1,13 +1,21 @@
-"""Instance segmentation with box prompts on a COCO-format set: mIoU and COCO mask AP.
+"""Instance segmentation with box or click prompts on a COCO-format set: mIoU and COCO mask AP.
 
   python -m eval.image --ckpt runs/w2a2 --data coco/annotations/instances_val2017.json
   python -m eval.image --ckpt w2a2.qsam2 --data coco/... --boxes detections.json
+  python -m eval.image --ckpt runs/w2a2 --data coco/... --prompt click
+  python -m eval.image --predict floor-ellipse --data coco/...   # a model-free floor
   python -m eval.image                       # embedded random SAM2.1-t on synthetic shapes
 
 Each non-crowd instance is prompted with its ground-truth box (`--boxes gt`) and the model
-gives one mask (single-mask output). mIoU is the mean IoU of predicted and ground-truth masks
-over instances, overall and per COCO area bucket (by the annotation's `area`). Mask AP comes
-from pycocotools' COCOeval on the same predictions, scored by the predicted IoU.
+gives one mask (single-mask output). `--prompt click` prompts each instance with one positive
+click instead, at the mask pixel farthest from its boundary (SAM's deterministic first click),
+and keeps the best of the three multimask outputs by predicted IoU (SAM2's reading of a
+one-point prompt). `--predict floor-box` / `floor-ellipse` replace the model by the prompt box
+itself (every pixel centre inside the box) or the ellipse inscribed in it, scored by the same
+code: the floor a model has to beat to show it segments rather than copies the box.
+mIoU is the mean IoU of predicted and ground-truth masks over instances, overall and per COCO
+area bucket (by the annotation's `area`). Mask AP comes from pycocotools' COCOeval on the same
+predictions, scored by the predicted IoU.
 
 With `--boxes FILE` (a COCO results file: image_id, category_id, bbox [x, y, w, h], score) the
 detections are the prompts: every detection (up to --max-dets per image, best first) gives one
@@ -41,8 +49,11 @@ from qsam2_jax.cli import (
 )
 from qsam2_jax.errors import UserError, report_user_errors
 
-# predict(image (H, W, 3) uint8, boxes (K, 4) xyxy) -> (masks (K, H, W) bool, pred_iou (K,)).
+# predict(image (H, W, 3) uint8, prompts) -> (masks (K, H, W) bool, pred_iou (K,)); prompts are
+# boxes (K, 4) xyxy, or with `prompt="click"` one positive click per instance, (K, 2) xy.
 PredictFn = Callable[[np.ndarray, np.ndarray], Tuple[np.ndarray, np.ndarray]]
+PROMPTS = ("box", "click")
+PREDICTORS = ("model", "floor-box", "floor-ellipse")
 CSV_FIELDS = ("image_id", "ann_id", "category_id", "area", "bucket", "iou", "pred_iou",
               "det_score", "box_iou", "matched")
 
@@ -148,13 +159,55 @@ def match_boxes(gt_boxes: np.ndarray, det_boxes: np.ndarray, min_iou: float
 # ---------------------------------------------------------------------------- evaluation
 
 
+def center_click(mask: np.ndarray) -> np.ndarray:
+  """(x, y) of the mask pixel farthest from the mask's boundary (outside the image counts as
+  background), the first of ties in row-major order: SAM's deterministic first click."""
+  from scipy import ndimage
+  if not mask.any():
+    raise ValueError("an empty mask has no pixel to click")
+  dist = ndimage.distance_transform_edt(np.pad(mask, 1))[1:-1, 1:-1]
+  y, x = np.unravel_index(int(np.argmax(dist)), dist.shape)
+  return np.array([x + 0.5, y + 0.5], np.float32)   # the pixel's centre
+
+
+def box_floor_masks(boxes: np.ndarray, shape: Tuple[int, int], *, ellipse: bool) -> np.ndarray:
+  """(K, H, W): the pixels whose centre lies in each xyxy box, or in the ellipse inscribed in
+  it (axes along the box's sides)."""
+  h, w = shape
+  y = np.arange(h, dtype=np.float64)[:, None] + 0.5
+  x = np.arange(w, dtype=np.float64)[None, :] + 0.5
+  out = np.zeros((len(boxes), h, w), bool)
+  for k, (x0, y0, x1, y1) in enumerate(np.asarray(boxes, np.float64)):
+    if ellipse:
+      a, b = (x1 - x0) / 2, (y1 - y0) / 2
+      if a > 0 and b > 0:
+        out[k] = ((x - (x0 + x1) / 2) / a) ** 2 + ((y - (y0 + y1) / 2) / b) ** 2 <= 1.0
+    else:
+      out[k] = (x >= x0) & (x <= x1) & (y >= y0) & (y <= y1)
+  return out
+
+
+def floor_fn(kind: str) -> PredictFn:
+  """`--predict floor-box` / `floor-ellipse`: the prompt box as the mask (predicted IoU 1)."""
+  if kind not in ("floor-box", "floor-ellipse"):
+    raise ValueError(f"unknown floor {kind!r}")
+
+  def predict(image: np.ndarray, boxes: np.ndarray):
+    return (box_floor_masks(boxes, image.shape[:2], ellipse=kind == "floor-ellipse"),
+            np.ones(len(boxes)))
+  return predict
+
+
 def evaluate(predict: PredictFn, gt, image_root: str, *, img_ids: Sequence[int],
              detections: Optional[Dict[int, List[Dict[str, Any]]]] = None,
              match_iou: float = 0.5, overlays: int = 0, overlay_dir: Optional[str] = None,
-             progress: bool = True) -> Tuple[Dict[str, Any], List[Dict[str, Any]],
-                                             List[Dict[str, Any]]]:
+             progress: bool = True, prompt: str = "box") -> Tuple[Dict[str, Any],
+                                                                 List[Dict[str, Any]],
+                                                                 List[Dict[str, Any]]]:
   """Runs `predict` on every image; returns (summary, per-instance rows, COCO results).
 
+  `prompt`: "box" (each instance's ground-truth box, or the detections) or "click" (one
+  positive click per ground-truth instance, `center_click`; `predict` then gets (K, 2) points).
   The summary holds `eval.metrics.miou`'s keys (percent), the number of prompts, and, with
   detections, how many instances were matched.
   """
@@ -162,6 +215,10 @@ def evaluate(predict: PredictFn, gt, image_root: str, *, img_ids: Sequence[int],
 
   from eval.metrics import area_bucket, mask_iou, miou
   from qsam2_jax.data import rle
+  if prompt not in PROMPTS:
+    raise UserError(f"--prompt must be one of {', '.join(PROMPTS)}, got {prompt!r}")
+  if prompt == "click" and detections is not None:
+    raise UserError("--prompt click prompts the ground-truth instances: use it with --boxes gt")
   rows: List[Dict[str, Any]] = []
   results: List[Dict[str, Any]] = []
   prompts = 0
@@ -171,6 +228,12 @@ def evaluate(predict: PredictFn, gt, image_root: str, *, img_ids: Sequence[int],
     if not anns and not dets:
       continue
     image = read_image(gt, image_root, img_id)
+    gt_masks = []
+    for ann in anns:
+      try:
+        gt_masks.append(rle.decode(ann["segmentation"], *image.shape[:2]))
+      except ValueError as e:
+        raise UserError(f"annotation {ann.get('id')!r} of image {img_id}: {e}") from e
     gt_boxes = np.stack([xywh_to_xyxy(a["bbox"]) for a in anns]) if anns \
         else np.zeros((0, 4), np.float32)
     if dets is None:
@@ -181,34 +244,42 @@ def evaluate(predict: PredictFn, gt, image_root: str, *, img_ids: Sequence[int],
           else np.zeros((0, 4), np.float32)
       scores = np.array([float(d.get("score", 1.0)) for d in dets])
       cats = [d["category_id"] for d in dets]
-    masks, pred_iou = predict(image, boxes) if len(boxes) else (
+    if prompt == "click":   # instances whose mask decodes empty cannot be clicked: IoU 0
+      clickable = [g for g, m in enumerate(gt_masks) if m.any()]
+      inputs = (np.stack([center_click(gt_masks[g]) for g in clickable]) if clickable
+                else np.zeros((0, 2), np.float32))
+      index = {g: k for k, g in enumerate(clickable)}
+    else:
+      inputs, index = boxes, None
+    masks, pred_iou = predict(image, inputs) if len(inputs) else (
         np.zeros((0,) + image.shape[:2], bool), np.zeros(0))
-    prompts += len(boxes)
-    for k in range(len(boxes)):
-      results.append({"image_id": img_id, "category_id": cats[k],
+    prompts += len(inputs)
+    for k in range(len(inputs)):
+      src = k if index is None else clickable[k]
+      results.append({"image_id": img_id, "category_id": cats[src],
                       "segmentation": rle.encode(masks[k]),
-                      "score": float(pred_iou[k]) * float(scores[k])})
-    match = ({g: (g, 1.0) for g in range(len(anns))} if dets is None
-             else match_boxes(gt_boxes, boxes, match_iou))
-    gt_masks = []
+                      "score": float(pred_iou[k]) * float(scores[src])})
+    if dets is not None:
+      match = match_boxes(gt_boxes, boxes, match_iou)
+    elif index is not None:
+      match = {g: (k, 1.0) for g, k in index.items()}
+    else:
+      match = {g: (g, 1.0) for g in range(len(anns))}
     for g, ann in enumerate(anns):
-      try:
-        gmask = rle.decode(ann["segmentation"], *image.shape[:2])
-      except ValueError as e:
-        raise UserError(f"annotation {ann.get('id')!r} of image {img_id}: {e}") from e
-      gt_masks.append(gmask)
+      gmask = gt_masks[g]
       area = float(ann["area"]) if isinstance(ann.get("area"), (int, float)) \
           else float(gmask.sum())
       d, biou = match.get(g, (None, 0.0))
+      score_d = d if index is None else (clickable[d] if d is not None else None)
       rows.append({"image_id": img_id, "ann_id": ann.get("id"),
                    "category_id": ann["category_id"], "area": area, "bucket": area_bucket(area),
                    "iou": mask_iou(masks[d], gmask) if d is not None else 0.0,
                    "pred_iou": float(pred_iou[d]) if d is not None else float("nan"),
-                   "det_score": float(scores[d]) if d is not None else float("nan"),
+                   "det_score": float(scores[score_d]) if d is not None else float("nan"),
                    "box_iou": biou, "matched": d is not None})
     if n < overlays and overlay_dir is not None:
       write_overlay(os.path.join(overlay_dir, f"{n:04d}_image{img_id}.png"), image, gt_masks,
-                    gt_boxes, masks, boxes)
+                    gt_boxes, masks, boxes if index is None else gt_boxes[clickable])
   if not rows:
     raise UserError("no ground-truth instance to evaluate in the selected images")
   summary = miou([r["iou"] for r in rows], [r["area"] for r in rows])
@@ -259,21 +330,33 @@ def _bucket(n: int, smallest: int, chunk: int) -> int:
   return min(b, chunk)
 
 
-def predictor_fn(predictor, *, chunk: int = 32, smallest: int = 4) -> PredictFn:
-  """Batches an image's boxes into one `predict` call, padded to a power of two.
+def predictor_fn(predictor, *, chunk: int = 32, smallest: int = 4,
+                 prompt: str = "box") -> PredictFn:
+  """Batches an image's prompts into one `predict` call, padded to a power of two.
 
-  Padding (repeating the last box) bounds the compiled shapes to log2(chunk / smallest) + 1.
+  Padding (repeating the last prompt) bounds the compiled shapes to log2(chunk / smallest) + 1.
+  Boxes give the single-mask output; a click the best of the three multimask outputs by
+  predicted IoU.
   """
-  def predict(image: np.ndarray, boxes: np.ndarray):
+  def predict(image: np.ndarray, prompts: np.ndarray):
     predictor.set_image(image)
     masks, ious = [], []
-    for s in range(0, len(boxes), chunk):
-      part = np.asarray(boxes[s:s + chunk], np.float32)
+    for s in range(0, len(prompts), chunk):
+      part = np.asarray(prompts[s:s + chunk], np.float32)
       size = _bucket(len(part), smallest, chunk)
       padded = np.concatenate([part, np.repeat(part[-1:], size - len(part), axis=0)])
-      m, iou, _ = predictor.predict(box=padded, multimask_output=False)
-      masks.append(m[:len(part), 0])
-      ious.append(iou[:len(part), 0])
+      if prompt == "click":
+        m, iou, _ = predictor.predict(point_coords=padded[:, None, :],
+                                      point_labels=np.ones((size, 1), np.int32),
+                                      multimask_output=True)
+        best = np.argmax(iou, axis=1)[:len(part)]
+        rows = np.arange(len(part))
+        masks.append(m[rows, best])
+        ious.append(iou[rows, best])
+      else:
+        m, iou, _ = predictor.predict(box=padded, multimask_output=False)
+        masks.append(m[:len(part), 0])
+        ious.append(iou[:len(part), 0])
     return np.concatenate(masks), np.concatenate(ious)
   return predict
 
@@ -297,6 +380,14 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                       "embedded synthetic set)")
   p.add_argument("--boxes", default="gt",
                  help="'gt' (ground-truth boxes) or a COCO results JSON of detections")
+  p.add_argument("--prompt", choices=PROMPTS, default="box",
+                 help="box: the ground-truth box (or detection); click: one positive click per "
+                      "ground-truth instance, at the pixel farthest from its boundary "
+                      "(default: box)")
+  p.add_argument("--predict", choices=PREDICTORS, default="model",
+                 help="model, or a model-free floor: floor-box (mask = the prompt box) or "
+                      "floor-ellipse (the ellipse inscribed in it); floors need --prompt box "
+                      "and load no checkpoint (default: model)")
   p.add_argument("--image-size", type=image_size, default=None,
                  help="model input size (default: the checkpoint's)")
   p.add_argument("--out", default=None,
@@ -325,6 +416,16 @@ def _fmt(v: float) -> str:
 def main(argv: Optional[Sequence[str]] = None) -> int:
   args = parse_args(argv)
   from qsam2_jax import checkpoint, preflight
+  floor = args.predict != "model"
+  if floor and args.prompt != "box":
+    raise UserError(f"--predict {args.predict} is the prompt box itself: use it with --prompt box")
+  if floor and args.ckpt is not None:
+    raise UserError(f"--predict {args.predict} uses no model: leave out --ckpt")
+  if floor and args.out is None:
+    raise UserError(f"--predict {args.predict}: give --out (there is no checkpoint to write "
+                    "beside)")
+  if args.prompt == "click" and args.boxes != "gt":
+    raise UserError("--prompt click prompts the ground-truth instances: use it with --boxes gt")
   # Validate first: checkpoint, annotations (every one must decode), detections, output folder.
   if args.ckpt is not None:
     checkpoint.check(args.ckpt, "--ckpt", step=args.step)
@@ -350,25 +451,31 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
   from qsam2_jax.checkpoint import load_with_meta
   from qsam2_jax.files import write_csv, write_json
   from qsam2_jax.predictor import ImagePredictor
-  ckpt = args.ckpt or default_checkpoint()
+  ckpt = None if floor else (args.ckpt or default_checkpoint())
   t0 = time.time()
   with preflight.created_by_us(out):
-    model, meta = load_with_meta(ckpt, step=args.step, image_size=args.image_size)
-    predict = predictor_fn(ImagePredictor(model), chunk=args.chunk)
+    if floor:
+      meta, predict = {"kind": args.predict}, floor_fn(args.predict)
+    else:
+      model, meta = load_with_meta(ckpt, step=args.step, image_size=args.image_size)
+      predict = predictor_fn(ImagePredictor(model), chunk=args.chunk, prompt=args.prompt)
     summary, rows, results = evaluate(
         predict, gt, image_root, img_ids=img_ids, detections=detections,
         match_iou=args.match_iou, overlays=args.overlays,
-        overlay_dir=os.path.join(out, "overlays"), progress=not args.no_progress)
+        overlay_dir=os.path.join(out, "overlays"), progress=not args.no_progress,
+        prompt=args.prompt)
     ap = coco_mask_ap(gt, results, img_ids)
-    report = {"kind": "eval.image", "ckpt": os.path.abspath(ckpt), "step": meta.get("step"),
+    report = {"kind": "eval.image", "ckpt": os.path.abspath(ckpt) if ckpt else None,
+              "predict": args.predict, "prompt": args.prompt, "step": meta.get("step"),
               "data": os.path.abspath(data), "boxes": args.boxes, "config": meta.get("config"),
               "image_size": meta.get("image_size"), "quant": meta.get("quant"),
               "model_kind": meta.get("kind"), **summary, **ap,
               "seconds": round(time.time() - t0, 1)}
     write_json(os.path.join(out, "image_metrics.json"), report)
     write_csv(os.path.join(out, "image_instances.csv"), rows, CSV_FIELDS)
-  print(f"{report['ckpt']} on {report['data']} ({summary['num']} instances, "
-        f"{len(img_ids)} images, boxes: {args.boxes})")
+  who = report["ckpt"] if not floor else args.predict
+  print(f"{who} on {report['data']} ({summary['num']} instances, {len(img_ids)} images, "
+        f"{'one click each' if args.prompt == 'click' else f'boxes: {args.boxes}'})")
   print(f"mIoU {_fmt(summary['mIoU'])}  (small {_fmt(summary['mIoU_small'])}, medium "
         f"{_fmt(summary['mIoU_medium'])}, large {_fmt(summary['mIoU_large'])})  "
         f"mask AP {_fmt(ap['AP'])}  AP50 {_fmt(ap['AP50'])}  AP75 {_fmt(ap['AP75'])}")

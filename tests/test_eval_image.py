@@ -164,3 +164,58 @@ def test_cli_errors(tmp_path, capsys):
   from eval import report
   assert report.main(["--runs", str(tmp_path / "missing")]) == 2
   assert "no such file" in capsys.readouterr().err
+
+
+def test_floors_score_as_hand_computed(tiny_coco):
+  """The rectangles' box floor is exact (IoU 1); the inscribed ellipse covers about pi/4 of each
+  rectangle: its IoU is the ellipse's pixel count over the rectangle's, counted independently."""
+  summary, rows, _ = _run(tiny_coco, ev.floor_fn("floor-box"))
+  assert all(r["iou"] == 1.0 for r in rows) and summary["mIoU"] == pytest.approx(100.0)
+  _, rows, _ = _run(tiny_coco, ev.floor_fn("floor-ellipse"))
+  for r in rows:
+    _, x0, y0, x1, y1 = RECTS[r["ann_id"]]
+    inside = sum(1 for yy in range(y0, y1) for xx in range(x0, x1)
+                 if ((xx + 0.5 - (x0 + x1) / 2) / ((x1 - x0) / 2)) ** 2
+                 + ((yy + 0.5 - (y0 + y1) / 2) / ((y1 - y0) / 2)) ** 2 <= 1)
+    assert r["iou"] == pytest.approx(inside / ((x1 - x0) * (y1 - y0)), abs=1e-12)
+    assert 0.7 < r["iou"] < 0.85   # about pi / 4
+
+
+def test_click_prompt_is_the_innermost_pixel(tiny_coco):
+  """One click per instance at the pixel farthest from the boundary: for a rectangle the centre
+  (first of the tied pixels); a predictor that fills the 10x10 square around the click scores
+  the overlap of that square with the rectangle, computed here by hand."""
+  seen = []
+
+  def square(image, points):
+    seen.extend(map(tuple, points))
+    masks = np.stack([_rect(int(x) - 5, int(y) - 5, int(x) + 5, int(y) + 5, image.shape[:2])
+                      for x, y in points])
+    return masks, np.ones(len(points))
+
+  gt, root = ev.load_gt(tiny_coco)
+  summary, rows, _ = ev.evaluate(square, gt, root, img_ids=list(gt.imgs), progress=False,
+                                 prompt="click")
+  # A (8..18)^2: the centre pixels 12, 13 tie at distance 5 -> the first, (12.5, 12.5).
+  assert seen[0] == (12.5, 12.5)
+  for (x, y), r in zip(seen, rows):
+    _, x0, y0, x1, y1 = RECTS[r["ann_id"]]
+    cx, cy = int(x), int(y)
+    d = min(cx - x0 + 1, x1 - cx, cy - y0 + 1, y1 - cy)
+    assert d == min((x1 - x0 + 1) // 2, (y1 - y0 + 1) // 2)   # no pixel lies deeper
+    sq = _rect(cx - 5, cy - 5, cx + 5, cy + 5)
+    rect = _rect(x0, y0, x1, y1)
+    assert r["iou"] == pytest.approx((sq & rect).sum() / (sq | rect).sum(), abs=1e-12)
+  with pytest.raises(ev.UserError, match="--boxes gt"):
+    ev.evaluate(square, gt, root, img_ids=list(gt.imgs), progress=False, prompt="click",
+                detections={})
+
+
+def test_floor_cli(tiny_coco, tmp_path):
+  out = tmp_path / "floor"
+  assert ev.main(["--predict", "floor-box", "--data", tiny_coco, "--out", str(out),
+                  "--overlays", "0", "--no-progress"]) == 0
+  metrics = json.loads((out / "image_metrics.json").read_text())
+  assert metrics["mIoU"] == pytest.approx(100.0) and metrics["predict"] == "floor-box"
+  assert ev.main(["--predict", "floor-box", "--prompt", "click", "--data", tiny_coco,
+                  "--out", str(out)]) == 2
