@@ -73,7 +73,10 @@ class RoPEAttention(layers.AttentionSlots, nnx.Module):
     fold_v = self._can_fold_v()
     q = self._heads(self.q_proj(q))
     k = self._heads(self.k_proj(k))
-    v = v[..., None, :] if fold_v else self._heads(self.v_proj(v))
+    if fold_v:  # raw memories as values, in v_proj's compute dtype
+      v = v[..., None, :].astype(self.v_proj.dtype or v.dtype)
+    else:
+      v = self._heads(self.v_proj(v))
     if k.shape[1] != q.shape[1] and not self.rope_k_repeat:
       raise ValueError("keys longer than queries need rope_k_repeat=True")
     cos, sin = grid_rope_tables(q.shape[1], q.shape[-1], self.rope_theta)
