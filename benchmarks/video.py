@@ -25,6 +25,14 @@ bank (without autocast it would fail on the dtype mismatch; docs/sam2-port.md, t
 Hole filling is off on both sides (sam2 needs its CUDA extension for it). `torch-vos` (opt-in)
 is sam2's `vos_optimized=True` predictor (torch.compile, max-autotune; needs CUDA and minutes).
 JAX: fp32 = default matmul precision, bf16 = bfloat16 compute with float32 parameters.
+
+`--parts` times the parts of one propagation step instead (random inputs at the model size,
+same weights, alternating, fp32): memory attention with `--filled` of the 7 memory-frame slots
+filled, the SAM heads, the memory encoder and the resize to the video size (the image encoder
+is `benchmarks.image_encoder`). JAX runs the objects as one batch, PyTorch one by one, as their
+predictors do:
+
+  python -m benchmarks.video --device cpu --parts --objects 1 --filled 1,4,7 --repeats 3
 """
 
 from __future__ import annotations
@@ -203,6 +211,137 @@ def torch_models(cfg: Any, impls: Sequence[str], seed: int, device: str = "cpu"
   return models, state_dict
 
 
+# ------------------------------------------------------------------------------------ parts
+
+
+def part_timers(cfg: Any, torch_model: Any, state_dict: Dict[str, np.ndarray], objects: int,
+                filled: int, video_hw: Tuple[int, int], seed: int = 0
+                ) -> Dict[str, Dict[str, Any]]:
+  """{part: {"jax": timer, "torch": timer}} for `timing.alternate`, on random inputs.
+
+  The JAX bank has the predictor's fixed slots (7 frames, 16 pointers) with `filled` frames
+  and `filled + 1` pointers valid; PyTorch gets exactly those, unpadded.
+  """
+  import jax
+  import jax.numpy as jnp
+  import torch
+  import torch.nn.functional as F
+  from flax import nnx
+
+  from qsam2_jax.checkpoint import model_from_state_dict
+  from qsam2_jax.model import tracking
+  from qsam2_jax.model.resize import resize_2d
+
+  model = model_from_state_dict(state_dict, cfg)
+  graphdef, state = nnx.split(model)
+  rng = np.random.default_rng(seed)
+  b, h, c, m, size = objects, cfg.image_embedding_size, cfg.d_model, cfg.mem_dim, cfg.image_size
+  lo = cfg.low_res_mask_size
+  n_s, n_p = tracking.bank_slots(cfg, 1)
+  split = c // m
+  rand = lambda *shape: rng.standard_normal(shape).astype(np.float32)
+  feat, pos = rand(b, h, h, c), rand(b, h, h, c)
+  fpn0, fpn1 = rand(b, 4 * h, 4 * h, c // 8), rand(b, 2 * h, 2 * h, c // 4)
+  mems, ptrs = rand(b, n_s, h, h, m), rand(b, n_p, c)
+  high_res, low_res = rand(b, 1, size, size), rand(b, 1, lo, lo)
+  valid = np.arange(n_s)[None].repeat(b, 0) < filled
+  ptr_valid = np.arange(n_p)[None].repeat(b, 0) < filled + 1
+  bank = tracking.MemoryBank(
+      jnp.asarray(mems, jnp.bfloat16), jnp.asarray(np.arange(n_s)[None].repeat(b, 0) % 7),
+      jnp.asarray(valid), jnp.asarray(ptrs), jnp.asarray(np.arange(n_p)[None].repeat(b, 0)),
+      jnp.asarray(ptr_valid), jnp.full((b,), n_p, jnp.int32))
+
+  def jitted(fn):
+    f = jax.jit(lambda st, *a: fn(nnx.merge(graphdef, st), *a))
+    return lambda *a: (lambda: jax.block_until_ready(f(state, *a)))
+
+  jax_parts = {
+      "memory attention": jitted(tracking.memory_conditioned_features)(feat, pos, bank),
+      "SAM heads": jitted(lambda mdl, f, a, b_: tracking.forward_sam_heads(
+          mdl, f, high_res_features=[a, b_], multimask_output=True))(feat, fpn0, fpn1),
+      "memory encoder": jitted(lambda mdl, f, x: tracking.encode_new_memory(
+          mdl, f, x, jnp.ones((b, 1)), False)[0])(feat, high_res),
+      "resize to video": (lambda f, x: lambda: jax.block_until_ready(f(x)))(
+          jax.jit(lambda x: resize_2d(x, video_hw)), low_res),
+  }
+  seq = lambda x, n=h * h: torch.from_numpy(x.reshape(b, n, -1)).transpose(0, 1).contiguous()
+  nchw = lambda x: torch.from_numpy(x).permute(0, 3, 1, 2).contiguous()
+  t_curr, t_pos = seq(feat), seq(pos)
+  t_mem = seq(np.concatenate([mems[:, :filled].reshape(b, -1, m),
+                              ptrs[:, :filled + 1].reshape(b, -1, m)], axis=1),
+              filled * h * h + (filled + 1) * split)
+  t_mem_pos = torch.randn_like(t_mem)
+  t_feat, t_fpn0, t_fpn1 = nchw(feat), nchw(fpn0), nchw(fpn1)
+  t_high, t_low = torch.from_numpy(high_res), torch.from_numpy(low_res)
+  tm, i_ = torch_model, lambda x, i: x[i:i + 1]
+  torch_parts = {
+      "memory attention": lambda i: tm.memory_attention(
+          curr=[t_curr[:, i:i + 1]], curr_pos=[t_pos[:, i:i + 1]], memory=t_mem[:, i:i + 1],
+          memory_pos=t_mem_pos[:, i:i + 1], num_obj_ptr_tokens=(filled + 1) * split),
+      "SAM heads": lambda i: tm._forward_sam_heads(
+          i_(t_feat, i), high_res_features=[i_(t_fpn0, i), i_(t_fpn1, i)],
+          multimask_output=True),
+      "memory encoder": lambda i: tm._encode_new_memory(
+          [t_curr[:, i:i + 1]], [(h, h)], i_(t_high, i), torch.ones(1, 1), False),
+      "resize to video": lambda i: F.interpolate(i_(t_low, i), video_hw, mode="bilinear",
+                                                 align_corners=False),
+  }
+
+  def seconds(fn):
+    def run():
+      t = time.perf_counter()
+      fn()
+      return time.perf_counter() - t
+    return run
+
+  def torch_run(fn):
+    def run():
+      with torch.inference_mode():
+        for i in range(b):
+          fn(i)
+    return run
+
+  return {part: {"jax": seconds(jax_parts[part]), "torch": seconds(torch_run(torch_parts[part]))}
+          for part in jax_parts}
+
+
+def run_parts(args: argparse.Namespace, setup: Dict[str, Any]) -> int:
+  """`--parts`: ms per part, JAX vs PyTorch, alternating (fp32)."""
+  from benchmarks.image_encoder import environment
+  from qsam2_jax.model.configs import get_config
+
+  rows = []
+  lines = []
+  for size in args.sizes.split(","):
+    cfg = get_config(f"sam2.1_hiera_{size}", image_size=args.image_size)
+    models, state_dict = torch_models(cfg, ["torch"], args.seed, "cpu")
+    for k in [int(x) for x in args.objects.split(",")]:
+      for filled in [int(x) for x in args.filled.split(",")]:
+        if not 1 <= filled <= cfg.num_maskmem:
+          raise SystemExit(f"--filled {filled}: expected 1..{cfg.num_maskmem}")
+        for part, timers in part_timers(cfg, models["torch"], state_dict, k, filled,
+                                        tuple(args.video_size), args.seed).items():
+          times = alternate(args.repeats, timers, warmup=1)
+          row = dict(size=size, objects=k, filled=filled, part=part,
+                     jax_ms=round(1e3 * statistics.median(times["jax"]), 1),
+                     torch_ms=round(1e3 * statistics.median(times["torch"]), 1),
+                     jax_vs_torch=round(median_ratio(times, "torch", "jax"), 3))
+          rows.append(row)
+          print(json.dumps(row), flush=True)
+          lines.append(f"| {size} | {k} | {filled} | {part} | {row['jax_ms']} | "
+                       f"{row['torch_ms']} | {row['jax_vs_torch']:.2f}× |")
+  env = environment(setup)
+  cmd = "python -m benchmarks.video " + " ".join(sys.argv[1:])
+  table = "\n".join([
+      f"Parts of one propagation step, model input {args.image_size}², fp32, ms (median of "
+      f"{args.repeats} alternating rounds; jax / torch: median per-round speed ratio). {env}",
+      f"Command: `{cmd}`", "",
+      "| model | objects | filled frames | part | jax | torch | jax / torch |",
+      "|---|---|---|---|---|---|---|"] + lines)
+  emit(table, {"env": env, "command": cmd, "rows": rows}, args.out, args.json)
+  return 0
+
+
 # ------------------------------------------------------------------------------------ command
 
 
@@ -221,6 +360,10 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
   p.add_argument("--device", default="auto", help="cpu: both sides on the CPU; auto: default")
   p.add_argument("--threads", type=int, default=None,
                  help="CPU cores for both sides (default: all the process may use)")
+  p.add_argument("--parts", action="store_true",
+                 help="time the parts of one step (fp32, random inputs) instead of a video")
+  p.add_argument("--filled", default="4",
+                 help="with --parts: comma list of filled memory-frame slots (1..7)")
   p.add_argument("--seed", type=int, default=0)
   p.add_argument("--out", default=None, help="also write the markdown table here")
   p.add_argument("--json", default=None, help="also write raw results as JSON here")
@@ -253,6 +396,8 @@ def _table(rows: List[Dict[str, Any]], args: argparse.Namespace, sizes: Sequence
 def main(argv: Optional[Sequence[str]] = None) -> int:
   args = parse_args(argv)
   setup = setup_device(args.device, args.threads)
+  if args.parts:
+    return run_parts(args, setup)
   sizes, dtypes, impls = args.sizes.split(","), args.dtypes, args.impls.split(",")
   objects = [int(k) for k in args.objects.split(",")]
   unknown = sorted(set(impls) - set(IMPLS))

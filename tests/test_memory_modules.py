@@ -203,6 +203,31 @@ def test_memory_attention_matches_torch(ref, attention_fp32, num_ptr):
   assert rel_err(got, want) < TOL
 
 
+class _PlainIdentity(nnx.Module):
+  """An identity that is not a `QuantSlot`: a filled slot, as quantization would leave it."""
+
+  def __call__(self, x):
+    return x
+
+
+def test_cross_attention_folds_v_proj_only_where_exact(ref, attention_fp32):
+  """The float cross-attention applies v_proj after the softmax (64-d P·V); self-attention
+  (256-d inputs) and a cross-attention whose v slot is filled project first. Both paths match
+  PyTorch, which always projects first."""
+  cfg, model, sd = ref
+  layer = attention_fp32.layers[0]
+  assert layer.cross_attn_image._can_fold_v() and not layer.self_attn._can_fold_v()
+  unfolded = _build(MemoryAttention, cfg, sd, MA_PREFIX)
+  for lyr in unfolded.layers:
+    lyr.cross_attn_image.v_quant = _PlainIdentity()
+    assert not lyr.cross_attn_image._can_fold_v()
+  inputs = _attention_inputs(cfg, 2, 8, seed=3)
+  want = _torch_attention(model, *inputs, 8)
+  for module in (attention_fp32, unfolded):
+    got = _run_attention(module, *map(_bf, inputs), num_obj_ptr_tokens=8)
+    assert rel_err(got, want) < TOL
+
+
 def test_memory_attention_padded_and_masked_equals_unpadded(ref, attention_fp32):
   """A fixed-size bank (7 frame slots, 16 pointer slots × 4 tokens) with different real
   contents per batch row gives the unpadded PyTorch result; padding holds NaN to prove it is
