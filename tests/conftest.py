@@ -19,7 +19,8 @@ jax.config.update("jax_default_matmul_precision", "highest")
 # header says so: `pytest -m "not torch"` runs the same selection where torch is installed.
 TORCH_FREE = ("test_checkpoint.py", "test_clips_data.py", "test_data_pipeline.py", "test_metrics.py",
               "test_quant_core.py", "test_quant_model.py", "test_quant_packing.py",
-              "test_quant_vrc.py", "test_synthetic.py", "test_fail_fast.py", "test_study.py")
+              "test_quant_vrc.py", "test_synthetic.py", "test_fail_fast.py", "test_study.py",
+              "test_curve.py")
 try:
   import sam2  # noqa: F401
   import torch  # noqa: F401
