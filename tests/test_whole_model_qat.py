@@ -107,7 +107,8 @@ def test_bare_pipeline_calibrates_and_trains_every_quantizer(method, tmp_path, t
   """The bare command (embedded SAM2.1-t at 64², synthetic images and videos, one device) for
   2 steps, a clip step then an image step: every quantizer of the saved model has count > 0,
   and in the first (clip) step every clip factor / step size of memory attention, memory
-  encoder and object-pointer layers gets a non-zero gradient."""
+  encoder and object-pointer layers gets a non-zero gradient (min-max QAT learns no clip factor:
+  its ranges are statistics, covered by the count check)."""
   import subprocess
   import sys
 
@@ -131,7 +132,11 @@ def test_bare_pipeline_calibrates_and_trains_every_quantizer(method, tmp_path, t
   with open(out / "logs" / "zero_grad_factors.json") as f:
     report = json.load(f)
   assert report["step"] == 0
-  assert sum(any(k in n for k in MEMORY_PATH) for n in report["factors"]) > 40
+  memory_factors = sum(any(k in n for k in MEMORY_PATH) for n in report["factors"])
+  if method == "minmax":  # ranges are EMA statistics: nothing to learn, no factor to check
+    assert memory_factors == 0
+  else:
+    assert memory_factors > 40
   memory = [n for n in report["zero_gradient"] if any(k in n for k in MEMORY_PATH)]
   assert not memory, f"memory-path clip factors without gradient: {memory}"
   rows = read_metrics(str(out / "logs"))
