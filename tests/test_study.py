@@ -65,15 +65,30 @@ def _plan(tmp_path, *extra):
 
 
 def test_plan_commands(tmp_path):
-  """The commands are the public ones with the study's flags; the ablations' flags reach
-  train.qat; VRC + LSQ trains LSQ from a train.calibrate (VRC) checkpoint."""
-  plan = _plan(tmp_path, "--pretrain-steps", "30", "--pretrain-warmup", "50")
+  """The commands are the public ones with the study's flags; the pretraining is the recipe
+  that climbs (box prompts, vision lr 1e-5), then boxes and clicks from its checkpoint; the
+  ablations' flags reach train.qat; VRC + LSQ trains LSQ from a train.calibrate (VRC)
+  checkpoint."""
+  plan = _plan(tmp_path, "--pretrain-steps", "30", "--pretrain-warmup", "50",
+               "--pretrain-mixed-steps", "20")
   pre = plan.pretrain_run()
   cmd = pre.command_line()
-  assert cmd.startswith("python -m train.qat --method fp --init ")
-  for flag in ("--lr 0.001", "--vision-lr 0.0001", "--masks-per-image 8", "--batch-size 8",
-               "--warmup-steps 30", "--dtype float32", "--image-size 128", "--steps 30"):
+  assert cmd.startswith(f"python -m train.qat --method fp --init {plan.init_path} ")
+  for flag in ("--lr 0.001", "--vision-lr 1e-05", "--box-prob 1 ", "--masks-per-image 8",
+               "--batch-size 8", "--warmup-steps 30", "--dtype float32", "--image-size 128",
+               "--steps 30"):
     assert flag in cmd, flag
+  mixed = plan.pretrain_mixed_run()
+  cmd2 = mixed.command_line()
+  assert cmd2.startswith(f"python -m train.qat --method fp --init {pre.out} ")
+  for flag in ("--lr 0.001", "--vision-lr 1e-05", "--box-prob 0.5 ", "--steps 20",
+               "--warmup-steps 20"):
+    assert flag in cmd2, flag
+  assert mixed.folder != pre.folder and mixed.resumable
+  assert plan.fp_path == mixed.out
+  rows0 = {r.name: r for r in sr.table_rows()}
+  assert [r.name for r in plan.model_runs(rows0["fp"])] == ["init", "pretrain", "pretrain-mixed"]
+  assert all("--style varied" in r.command_line() for r in plan.data_runs())
   assert plan.init_run().command_line().startswith(
       "python -m convert.random_checkpoint --config sam2.1_hiera_t --seed 0 "
       "--no-randomize-constants")
@@ -85,6 +100,7 @@ def test_plan_commands(tmp_path):
   assert plan.model_runs(rows["qat-lsq-w4a4"]) is None    # the LR is not chosen yet
   ptq = plan.model_runs(rows["ptq-vrcmse-w2a2"])[0].command_line()
   assert "train.ptq" in ptq and "--method vrc+mse" in ptq and "--bits 2" in ptq
+  assert f"--init {mixed.out} " in ptq     # the proxy is the second phase's model
   assert "--images 256" in ptq   # enough rows for VRC on the last Hiera stage at 128²
   _fake_lr(plan, {"qsam2": (0.2, 0.3), "lsq": (0.1, 0.05)})
   nomom = plan.model_runs(rows["abl-nomomentum-w2a2"])[-1].command_line()
@@ -96,6 +112,17 @@ def test_plan_commands(tmp_path):
   assert "--lr 0.0001" in vl[1].command_line()
   q2 = plan.model_runs(rows["qat-qsam2-w2a2"])
   assert len(q2) == 1 and q2[0].folder.endswith(os.path.join("lr", "qat-qsam2-w2a2-lr0.001"))
+
+
+def test_plan_pretraining_phases(tmp_path):
+  """--pretrain-mixed-steps 0: the box phase makes the proxy; --pretrain-steps 0: no
+  pretraining at all, --init is the proxy (the second phase continues the first)."""
+  one = _plan(tmp_path, "--pretrain-mixed-steps", "0", "--synthetic-style", "basic")
+  assert one.pretrain_mixed_run() is None and one.fp_path == one.pretrain_run().out
+  assert all("--style basic" in r.command_line() for r in one.data_runs())
+  (tmp_path / "ckpt").mkdir()
+  none = _plan(tmp_path, "--pretrain-steps", "0", "--init", str(tmp_path / "ckpt"))
+  assert none.pretrain_runs() == [] and none.fp_path == str(tmp_path / "ckpt")
 
 
 def test_plan_with_user_data(tmp_path):
@@ -223,7 +250,8 @@ def test_report_from_fake_run_folders(tmp_path):
   plan = _plan(tmp_path, "--pretrain-steps", "100")
   rows = {r.name: r for r in sr.table_rows()}
   _done(plan.init_run(), {}, wall=5.0)
-  _done(plan.pretrain_run(), {"val_miou": 0.7}, wall=3600.0)
+  _done(plan.pretrain_run(), {"val_miou": 0.7}, wall=3000.0)
+  _done(plan.pretrain_mixed_run(), {"val_miou": 0.6}, wall=600.0)
   _fake_eval(plan, "fp", box=80.0, click=70.0, jf=65.0, size=1.0, small=75.0)
   # Validation: qsam2 prefers lr 1e-3; baselines: lsq has the best validation mIoU (so it gets
   # the extra seeds) although pact is best on the test split.
@@ -287,6 +315,7 @@ def test_report_from_fake_run_folders(tmp_path):
   assert "qsam2 0.001 (val 0.3000)" in text and "best baseline (val): lsq" in text
   assert (tmp_path / "docs" / "results_figures" / "miou_vs_bits.png").is_file()
   assert plan.pretrain_run().command_line() in text
+  assert plan.pretrain_mixed_run().command_line() in text
 
 
 def _table(text, head):
@@ -307,6 +336,9 @@ def test_cli_errors(tmp_path, capsys):
   assert study.main(["--data", str(tmp_path), "--list-rows"]) == 2
   assert "--test-data" in capsys.readouterr().err
   assert study.main(["--stage", "bogus"]) == 2
+  assert study.main(["--pretrain-box-prob", "1.5", "--list-rows"]) == 2
+  assert "[0, 1]" in capsys.readouterr().err
+  assert study.main(["--synthetic-style", "hard", "--list-rows"]) == 2
   assert study.main(["--out", str(tmp_path / "s"), "--stage", "quantize"]) == 2
   assert "run --stage pretrain first" in capsys.readouterr().err
 
@@ -325,7 +357,8 @@ def test_tiny_study_end_to_end_then_skips(tmp_path, monkeypatch):
           "--rows", "fp,ptq-minmax-w8a8,qat-qsam2-w2a2", "--image-size", "64",
           "--train-images", "12", "--val-images", "4", "--test-images", "3",
           "--train-videos", "2", "--test-videos", "1", "--video-length", "4",
-          "--video-frames", "2", "--pretrain-steps", "2", "--qat-steps", "2",
+          "--video-frames", "2", "--pretrain-steps", "2", "--pretrain-mixed-steps", "2",
+          "--qat-steps", "2",
           "--lr-grid", "1e-4", "--seeds", "0", "--batch-size", "2", "--masks-per-image", "2",
           "--calib-images", "2", "--vrc-images", "2", "--save-every", "1", "--eval-every", "0",
           "--video-ratio", "0", "--qat-args", "--preset encoder --calib-clips 0",
