@@ -177,6 +177,10 @@ def build_parser() -> argparse.ArgumentParser:
                  help="frames per training clip (default: %(default)s)")
   g.add_argument("--calib-images", type=positive_int, default=16,
                  help="QAT range-calibration images (default: %(default)s)")
+  g.add_argument("--calib-clips", type=nonnegative_int, default=8,
+                 help="range-calibration clips of --video-frames frames of the training videos, "
+                      "of every QAT and PTQ run: the memory path's quantizers see data only "
+                      "there (default: %(default)s)")
   g.add_argument("--vrc-images", type=positive_int, default=256,
                  help="VRC images (train.qat --vrc-images, train.calibrate --images) and the "
                       "calibration images of every PTQ method alike; VRC re-fits a layer only "
@@ -395,8 +399,8 @@ class Plan:
     init = os.path.join(self.vrc_run().out) if row.vrc_init else self.fp_path
     args = ["--method", row.method, "--bits", row.bits, "--init", init, *self._train_common(),
             "--steps", a.qat_steps, "--lr", f"{lr:g}", "--eval-every", 0, "--seed", row.seed,
-            "--calib-images", a.calib_images, "--vrc-images", a.vrc_images,
-            *row.qat_flags, *a.train_args, *a.qat_args]
+            "--calib-images", a.calib_images, "--calib-clips", a.calib_clips,
+            "--vrc-images", a.vrc_images, *row.qat_flags, *a.train_args, *a.qat_args]
     return Run(name, folder, "train.qat", args, resumable=True, metrics=trainer_metrics)
 
   def lr_runs(self, method: str) -> List[Run]:
@@ -449,8 +453,9 @@ class Plan:
       return [Run(row.name, self.folder("quantize", row.name), "train.ptq",
                   ["--init", self.fp_path, "--bits", row.bits, "--method", row.method,
                    "--data", self.split("train-images"), "--images", a.vrc_images,
-                   "--eval-images", 8, "--image-size", a.image_size, "--quiet",
-                   *a.ptq_args])]
+                   "--eval-images", 8, "--image-size", a.image_size,
+                   "--video-data", self.split("train-videos"), "--calib-clips", a.calib_clips,
+                   "--video-frames", a.video_frames, "--quiet", *a.ptq_args])]
     row = self.resolve(row)
     if row is None:
       return None

@@ -101,10 +101,13 @@ def test_plan_commands(tmp_path):
   ptq = plan.model_runs(rows["ptq-vrcmse-w2a2"])[0].command_line()
   assert "train.ptq" in ptq and "--method vrc+mse" in ptq and "--bits 2" in ptq
   assert f"--init {mixed.out} " in ptq     # the proxy is the second phase's model
+  # PTQ calibrates the memory path on clips of the training videos, like QAT
+  assert f"--video-data {plan.split('train-videos')} --calib-clips 8 --video-frames 8" in ptq
   assert "--images 256" in ptq   # enough rows for VRC on the last Hiera stage at 128²
   _fake_lr(plan, {"qsam2": (0.2, 0.3), "lsq": (0.1, 0.05)})
   nomom = plan.model_runs(rows["abl-nomomentum-w2a2"])[-1].command_line()
   assert "--method qsam2 --bits 2" in nomom and "--ema-momentum 0" in nomom
+  assert "--calib-clips 8" in nomom
   assert "--lr 0.001" in nomom          # qsam2's choice
   vl = plan.model_runs(rows["abl-vrclsq-w2a2"])
   assert [r.module for r in vl] == ["train.calibrate", "train.qat"]
@@ -360,7 +363,8 @@ def test_tiny_study_end_to_end_then_skips(tmp_path, monkeypatch):
           "--video-frames", "2", "--pretrain-steps", "2", "--pretrain-mixed-steps", "2",
           "--qat-steps", "2",
           "--lr-grid", "1e-4", "--seeds", "0", "--batch-size", "2", "--masks-per-image", "2",
-          "--calib-images", "2", "--vrc-images", "2", "--save-every", "1", "--eval-every", "0",
+          "--calib-images", "2", "--calib-clips", "2", "--vrc-images", "2", "--save-every", "1",
+          "--eval-every", "0",
           "--video-ratio", "0", "--qat-args", "--preset encoder --calib-clips 0",
           "--train-args", "--eval-batch-size 2"]
   t0 = time.time()
