@@ -19,6 +19,7 @@ import pytest
 
 from eval import study, study_report, study_runs
 from eval import study_rows as sr
+from qat_testlib import tiny_init  # noqa: F401 - fixture
 from qsam2_jax.errors import UserError
 from qsam2_jax.files import write_json
 
@@ -402,3 +403,42 @@ def _logs(tmp_path):
   for d, _, files in os.walk(tmp_path):
     if "log.txt" in files and "done.json" not in files:
       yield os.path.join(d, "log.txt")
+
+
+@pytest.mark.slow
+def test_tiny_ablations_nomomentum_and_vrc_lsq(tmp_path, monkeypatch, tiny_init):  # noqa: F811
+  """The two ablations whose recipe is not a --method of its own, through the study's commands
+  on the reduced SAM2.1-t (`qat_testlib`, 64², the proxy = its init, 2 steps, image steps,
+  `encoder` preset): "LSC without momentum" trains Q-SAM2 with --ema-momentum 0 (the saved
+  recipe holds 0, the plain Q-SAM2 run 0.9); "VRC + LSQ" trains LSQ from `train.calibrate`'s
+  VRC checkpoint of the proxy (its --init; VRC changed encoder weights there)."""
+  import numpy as np
+
+  from qsam2_jax import checkpoint
+  monkeypatch.setenv("XLA_FLAGS", "")   # one CPU device in the commands (conftest forces 8)
+  argv = ["--out", str(tmp_path / "study"), "--stage", "quantize", "--init", tiny_init,
+          "--pretrain-steps", "0", "--rows", "abl-nomomentum-w2a2,abl-vrclsq-w2a2",
+          "--image-size", "64", "--train-images", "6", "--val-images", "2", "--test-images", "2",
+          "--train-videos", "1", "--test-videos", "1", "--video-length", "3",
+          "--video-frames", "2", "--qat-steps", "2", "--lr-grid", "1e-4", "--seeds", "0",
+          "--batch-size", "2", "--masks-per-image", "2", "--calib-images", "2",
+          "--vrc-images", "2", "--save-every", "0", "--video-ratio", "0",
+          "--qat-args", "--preset encoder --calib-clips 0 --eval-images 0"]
+  t0 = time.time()
+  assert study.main(argv) == 0, open(next(iter(_logs(tmp_path)), os.devnull)).read()[-3000:]
+  print(f"tiny ablations: {time.time() - t0:.0f} s")
+  plan = study.Plan(study.parse_args(argv))
+  rows = {r.name: r for r in sr.table_rows((0,))}
+  nomom = plan.model_runs(rows["abl-nomomentum-w2a2"])[-1]
+  qsam2 = plan.lr_runs("qsam2")[0]
+  recipe = lambda run: checkpoint.check(run.out)["quant"]
+  assert recipe(nomom)["ema_momentum"] == 0 and recipe(qsam2)["ema_momentum"] == 0.9
+  assert recipe(nomom)["method"] == recipe(qsam2)["method"]
+  vrc, lsq = plan.model_runs(rows["abl-vrclsq-w2a2"])
+  assert checkpoint.check(vrc.out)["kind"] == "calibrated"
+  meta = checkpoint.check(lsq.out)
+  assert meta["source"] == vrc.out and meta["quant"]["method"] == "lsq"
+  refit, _ = checkpoint.load_sam2(vrc.out)
+  init, _ = checkpoint.load_sam2(tiny_init)
+  k = lambda m: np.asarray(m.image_encoder.trunk.blocks[0].mlp.layers[0].kernel[...])
+  assert not np.allclose(k(refit), k(init))
