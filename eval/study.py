@@ -52,6 +52,7 @@ STAGES = ("pretrain", "quantize", "evaluate", "report")
 EVALS = ("image-box", "image-click", "video", "size")
 FLOORS = ("floor-box", "floor-ellipse")
 INIT_FILE = "sam2.1_hiera_t_torch_init.pt"
+PTQ_EVAL_IMAGES = 8   # train.calibrate / train.ptq --eval-images: the output errors' images
 
 
 # ---------------------------------------------------------------------------- command line
@@ -151,7 +152,7 @@ def build_parser() -> argparse.ArgumentParser:
   g.add_argument("--pretrain-box-prob", type=_share, default=1.0,
                  help="share of box prompts in the first phase (default: %(default)s)")
   g.add_argument("--pretrain-mixed-steps", type=nonnegative_int, default=2000,
-                 help="steps of the second phase, resumed from the first with "
+                 help="steps of the second phase, started from the first one's model with "
                       "--pretrain-mixed-box-prob (0: none) (default: %(default)s)")
   g.add_argument("--pretrain-mixed-box-prob", type=_share, default=0.5,
                  help="share of box prompts in the second phase, the rest 1-3 clicks "
@@ -230,6 +231,10 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
         raise UserError(f"--{flag.replace('_', '-')} {path} does not exist")
       setattr(args, flag, os.path.abspath(path))
   args.out = os.path.abspath(args.out)
+  if args.data is None and args.train_images < args.vrc_images + PTQ_EVAL_IMAGES:
+    raise UserError(f"--train-images {args.train_images}: train.calibrate / train.ptq take "
+                    f"--vrc-images {args.vrc_images} images and hold out {PTQ_EVAL_IMAGES} "
+                    f"more, so at least {args.vrc_images + PTQ_EVAL_IMAGES} are needed")
   if 0 not in args.seeds:
     raise UserError("--seeds must include 0 (the seed of every other row)")
   return args
@@ -391,8 +396,8 @@ class Plan:
     a = self.a
     return Run("vrc-w2", self.folder("quantize", "vrc-w2"), "train.calibrate",
                ["--init", self.fp_path, "--data", self.split("train-images"), "--images",
-                a.vrc_images, "--bits", 2, "--image-size", a.image_size, "--quiet",
-                *a.ptq_args])
+                a.vrc_images, "--eval-images", PTQ_EVAL_IMAGES, "--bits", 2, "--image-size",
+                a.image_size, "--quiet", *a.ptq_args])
 
   def qat_run(self, row: sr.Row, lr: float, name: str, folder: str) -> Run:
     a = self.a
@@ -453,7 +458,7 @@ class Plan:
       return [Run(row.name, self.folder("quantize", row.name), "train.ptq",
                   ["--init", self.fp_path, "--bits", row.bits, "--method", row.method,
                    "--data", self.split("train-images"), "--images", a.vrc_images,
-                   "--eval-images", 8, "--image-size", a.image_size,
+                   "--eval-images", PTQ_EVAL_IMAGES, "--image-size", a.image_size,
                    "--video-data", self.split("train-videos"), "--calib-clips", a.calib_clips,
                    "--video-frames", a.video_frames, "--quiet", *a.ptq_args])]
     row = self.resolve(row)

@@ -343,6 +343,10 @@ def test_cli_errors(tmp_path, capsys):
   assert study.main(["--pretrain-box-prob", "1.5", "--list-rows"]) == 2
   assert "[0, 1]" in capsys.readouterr().err
   assert study.main(["--synthetic-style", "hard", "--list-rows"]) == 2
+  capsys.readouterr()
+  assert study.main(["--train-images", "9", "--vrc-images", "2", "--list-rows"]) == 2
+  err = capsys.readouterr().err
+  assert "--train-images 9" in err and "at least 10" in err
   assert study.main(["--out", str(tmp_path / "s"), "--stage", "quantize"]) == 2
   assert "run --stage pretrain first" in capsys.readouterr().err
 
@@ -418,7 +422,7 @@ def test_tiny_ablations_nomomentum_and_vrc_lsq(tmp_path, monkeypatch, tiny_init)
   monkeypatch.setenv("XLA_FLAGS", "")   # one CPU device in the commands (conftest forces 8)
   argv = ["--out", str(tmp_path / "study"), "--stage", "quantize", "--init", tiny_init,
           "--pretrain-steps", "0", "--rows", "abl-nomomentum-w2a2,abl-vrclsq-w2a2",
-          "--image-size", "64", "--train-images", "6", "--val-images", "2", "--test-images", "2",
+          "--image-size", "64", "--train-images", "10", "--val-images", "2", "--test-images", "2",
           "--train-videos", "1", "--test-videos", "1", "--video-length", "3",
           "--video-frames", "2", "--qat-steps", "2", "--lr-grid", "1e-4", "--seeds", "0",
           "--batch-size", "2", "--masks-per-image", "2", "--calib-images", "2",
