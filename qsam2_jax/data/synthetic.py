@@ -56,10 +56,10 @@ JPEG_QUALITY = 90
 STYLES = ("basic", "varied")
 # Kind weights of the varied style (ALL_SHAPES order): few convex shapes.
 _VARIED_WEIGHTS = np.array([0.05, 0.07, 0.04, 0.14, 0.13, 0.12, 0.12, 0.11, 0.11, 0.11])
-# Image and video streams per style: image i and video i of one seed are independent, and a
-# varied item shares no draws with the basic item of the same (seed, index).
+# Random streams: image i and video i of one seed are independent, and a varied item shares no
+# draws with the basic item of the same (seed, index).
 _IMAGE_STREAM, _VIDEO_STREAM = 0, 1
-_STREAMS = {"basic": (0, 1), "varied": (2, 3)}
+_VARIED_IMAGE_STREAM, _VARIED_VIDEO_STREAM = 2, 3
 MIN_CONTRAST = 24.0  # varied: a shape whose visible mean colour is this close to its
 #                      surroundings' (RGB distance, before noise) gets no annotation
 
@@ -181,7 +181,7 @@ def _random_varied_shape(rng: np.random.Generator, radius: float) -> _Shape:
     params = (max(rng.uniform(0.18, 0.35), thin / aspect), rng.uniform(-0.5, 0.5),
               rng.uniform(-0.5, 0.5))
   elif kind == "ring":    # inner radius as a share of the outer one
-    params = (min(rng.uniform(0.45, 0.72), 1.0 - 2 * thin / aspect),)
+    params = (max(0.0, min(rng.uniform(0.45, 0.72), 1.0 - 2 * thin / aspect)),)
   elif kind == "lshape":  # the removed corner starts at these shares of the half-extents
     params = (rng.uniform(-0.6, 0.2), rng.uniform(-0.6, 0.2))
   elif kind == "bar":
@@ -403,7 +403,7 @@ def contrast(canvas: np.ndarray, mask: np.ndarray, width: int = 2) -> float:
 
 
 def _synth_varied_image(seed: int, index: int, h: int, w: int) -> SyntheticImage:
-  rng = np.random.default_rng([seed, _STREAMS["varied"][0], index])
+  rng = np.random.default_rng([seed, _VARIED_IMAGE_STREAM, index])
   min_area = default_min_area((h, w))
   while True:  # redraws (nothing annotatable) are rare and deterministic
     canvas = _background(rng, h, w)
@@ -549,7 +549,7 @@ def synth_video(seed: int, index: int, num_frames: int,
   h, w = _check_size(size)
   num_frames = _check_count(num_frames, "num_frames")
   seed = _check_count(seed, "seed", 0)
-  stream = _VIDEO_STREAM if _check_style(style) == "basic" else _STREAMS["varied"][1]
+  stream = _VIDEO_STREAM if _check_style(style) == "basic" else _VARIED_VIDEO_STREAM
   rng = np.random.default_rng([seed, stream, index])
   min_visible = max(9, round(0.004 * h * w))
   mid = (num_frames - 1) // 2
