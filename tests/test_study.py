@@ -441,7 +441,8 @@ def test_tiny_ablations_nomomentum_and_vrc_lsq(tmp_path, monkeypatch, tiny_init)
   vrc, lsq = plan.model_runs(rows["abl-vrclsq-w2a2"])
   assert checkpoint.check(vrc.out)["kind"] == "calibrated"
   meta = checkpoint.check(lsq.out)
-  assert meta["source"] == vrc.out and meta["quant"]["method"] == "lsq"
+  assert meta["origin"] == vrc.out and meta["run"]["init"] == vrc.out
+  assert meta["quant"]["method"] == "lsq"
   refit, _ = checkpoint.load_sam2(vrc.out)
   init, _ = checkpoint.load_sam2(tiny_init)
   k = lambda m: np.asarray(m.image_encoder.trunk.blocks[0].mlp.layers[0].kernel[...])
