@@ -39,8 +39,8 @@ def test_ptq_calibrates_the_memory_path_over_clips(tiny_init, tmp_path, capsys):
   memory = _memory_quantizers(res.model)
   assert len(memory) > 20    # the paper preset quantizes the memory path
   assert unseen_quantizers(res.model) == []
-  model, meta = checkpoint.load_sam2(str(out))
-  assert unseen_quantizers(model) == [] and meta["ptq"]["clips"] == 2
+  model, _ = checkpoint.load_sam2(str(out))
+  assert unseen_quantizers(model) == [] and checkpoint.check(str(out))["ptq"]["clips"] == 2
 
   # Without clips: the same quantizers, exactly the memory path's, saw no data -> an error.
   assert ptq_cli.main(["--init", tiny_init, *ARGS, "--calib-clips", "0",
