@@ -45,7 +45,8 @@ def test_ptq_calibrates_the_memory_path_over_clips(tiny_init, tmp_path, capsys):
   assert unseen_quantizers(model) == [] and checkpoint.check(str(out))["ptq"]["clips"] == 2
 
   # Without clips: at least every memory-path quantizer (and the clip-only mask-prompt
-  # layers: measured 154 = 146 + 8) saw no data -> a one-line error naming them.
+  # layers mask_downsample and mask_downscaling: measured 154 = 146 + 8) saw no data -> a
+  # one-line error naming them.
   assert ptq_cli.main(["--init", tiny_init, *ARGS, "--calib-clips", "0",
                        "--out", str(tmp_path / "none")]) == 2
   err = capsys.readouterr().err.strip()

@@ -10,8 +10,9 @@ output channel, symmetric) and input activations (per tensor, asymmetric); `vrc+
 `vrc+mse` first re-fit the image encoder's linears with VRC (see `train.calibrate`) on the same
 calibration images. Activation ranges are calibrated on the images with one synthetic box and
 one point prompt each, then (like `train.qat`) on --calib-clips video clips that alternate a
-mask prompt and points with correction clicks: memory attention, the memory encoder and the
-object-pointer layers run only on clips, so their quantizers see data only there (the clips run
+mask prompt and points with correction clicks: memory attention, the memory encoder, the
+object-pointer layers and the mask-prompt downsampling run only on clips, so their quantizers
+see data only there (154 quantizers of the reduced SAM2.1-t of the tests) (the clips run
 only when the recipe quantizes such a layer; a quantizer that saw no data is an error).
 `--preset paper` quantizes every Linear/Conv of the model (patch embedding, mask
 up/down-sampling at --high-bits); `encoder` only the image encoder's linears.
