@@ -2,17 +2,21 @@
 evaluate every model, write docs/results.md — one command, resumable.
 
   python -m eval.study                                 # everything, synthetic data, runs/study
-  python -m eval.study --stage pretrain --pretrain-steps 4000
+  python -m eval.study --stage pretrain --pretrain-steps 4000 --pretrain-mixed-steps 2000
   python -m eval.study --stage quantize --rows 'ptq-*,qat-qsam2-w2a2'
   python -m eval.study --stage report --report docs/results.md
   python -m eval.study --init ckpt/fp --pretrain-steps 0 --data coco/train --val-data coco/val \\
       --test-data coco/val2017 --video-data sav_train --test-video-data DAVIS
 
 Stages (--stage, default all in this order; a comma list runs several):
-  pretrain  synthetic train / validation / test splits (`eval.synthetic`, seeds 0 / 1 / 2; the
-            test split is never used for choosing anything), SAM2.1-t at PyTorch's default init
-            (`convert.random_checkpoint --no-randomize-constants`), and the FP proxy trained
-            from it with `train.qat --method fp` on images and video clips.
+  pretrain  synthetic train / validation / test splits (`eval.synthetic --style varied`,
+            seeds 0 / 1 / 2; the test split is never used for choosing anything), SAM2.1-t at
+            PyTorch's default init (`convert.random_checkpoint --no-randomize-constants`), and
+            the FP proxy trained from it with `train.qat --method fp` on images and video clips
+            in two phases: box prompts only (`--box-prob 1`, the recipe that leaves the
+            all-background solution, docs/learning-curve.md), then SAM2's mix of boxes and
+            clicks (`--box-prob 0.5`) from the first phase's checkpoint (`--init`), so the
+            proxy answers click prompts too.
   quantize  every selected row (eval/study_rows.py): PTQ min-max / MSE / VRC+MSE (`train.ptq`),
             QAT min-max / PACT / LSQ / Q-SAM2 and the W2A2 ablations (`train.qat`). Each QAT
             method's learning rate is picked from --lr-grid at W2A2 by the validation mIoU the
@@ -41,12 +45,14 @@ from typing import Any, Callable, Dict, List, Optional, Sequence
 from eval import study_rows as sr
 from eval.study_runs import Run, RunFailed, execute, read_done
 from qsam2_jax.cli import ArgumentParser, nonnegative_int, positive_int
+from qsam2_jax.data.synthetic import STYLES
 from qsam2_jax.errors import UserError, report_user_errors
 
 STAGES = ("pretrain", "quantize", "evaluate", "report")
 EVALS = ("image-box", "image-click", "video", "size")
 FLOORS = ("floor-box", "floor-ellipse")
 INIT_FILE = "sam2.1_hiera_t_torch_init.pt"
+PTQ_EVAL_IMAGES = 8   # train.calibrate / train.ptq --eval-images: the output errors' images
 
 
 # ---------------------------------------------------------------------------- command line
@@ -70,6 +76,16 @@ def _ints(text: str) -> list[int]:
   if not vals or any(v < 0 for v in vals) or len(set(vals)) != len(vals):
     raise argparse.ArgumentTypeError(f"expected distinct non-negative integers, got {text!r}")
   return vals
+
+
+def _share(text: str) -> float:
+  try:
+    v = float(text)
+  except ValueError:
+    v = -1.0
+  if not 0.0 <= v <= 1.0:
+    raise argparse.ArgumentTypeError(f"expected a number in [0, 1], got {text!r}")
+  return v
 
 
 def _stages(text: str) -> list[str]:
@@ -124,16 +140,29 @@ def build_parser() -> argparse.ArgumentParser:
                  help="synthetic training videos (default: %(default)s)")
   g.add_argument("--test-videos", type=positive_int, default=20,
                  help="synthetic test videos (default: %(default)s)")
+  g.add_argument("--synthetic-style", choices=STYLES, default="varied",
+                 help="style of the synthetic splits (`eval.synthetic --style`): varied has "
+                      "shapes a box fits badly, so the floors are low (default: %(default)s)")
   g.add_argument("--video-length", type=positive_int, default=16,
                  help="frames per synthetic video (default: %(default)s)")
   g = p.add_argument_group("training budgets and recipe")
   g.add_argument("--pretrain-steps", type=nonnegative_int, default=4000,
-                 help="FP proxy steps; 0 = use --init as the proxy (default: %(default)s)")
+                 help="FP proxy steps of the first phase (box prompts); 0 = no pretraining at "
+                      "all, --init is the proxy (default: %(default)s)")
+  g.add_argument("--pretrain-box-prob", type=_share, default=1.0,
+                 help="share of box prompts in the first phase (default: %(default)s)")
+  g.add_argument("--pretrain-mixed-steps", type=nonnegative_int, default=2000,
+                 help="steps of the second phase, started from the first one's model with "
+                      "--pretrain-mixed-box-prob (0: none) (default: %(default)s)")
+  g.add_argument("--pretrain-mixed-box-prob", type=_share, default=0.5,
+                 help="share of box prompts in the second phase, the rest 1-3 clicks "
+                      "(default: %(default)s)")
   g.add_argument("--pretrain-lr", type=float, default=1e-3, help="(default: %(default)s)")
-  g.add_argument("--pretrain-vision-lr", type=float, default=1e-4,
-                 help="image encoder LR of the pretraining (default: %(default)s)")
+  g.add_argument("--pretrain-vision-lr", type=float, default=1e-5,
+                 help="image encoder LR of the pretraining; 1e-4 with lr 1e-3 stayed flat "
+                      "(docs/learning-curve.md) (default: %(default)s)")
   g.add_argument("--pretrain-warmup", type=nonnegative_int, default=50,
-                 help="warmup steps, at most --pretrain-steps (default: %(default)s)")
+                 help="warmup steps of each phase, at most its steps (default: %(default)s)")
   g.add_argument("--qat-steps", type=positive_int, default=1000,
                  help="steps of every QAT run, the equal budget (default: %(default)s)")
   g.add_argument("--lr-grid", type=_floats, default=[1e-5, 3e-5, 1e-4],
@@ -149,6 +178,10 @@ def build_parser() -> argparse.ArgumentParser:
                  help="frames per training clip (default: %(default)s)")
   g.add_argument("--calib-images", type=positive_int, default=16,
                  help="QAT range-calibration images (default: %(default)s)")
+  g.add_argument("--calib-clips", type=nonnegative_int, default=8,
+                 help="range-calibration clips of --video-frames frames of the training videos, "
+                      "of every QAT and PTQ run: the memory path's quantizers see data only "
+                      "there (default: %(default)s)")
   g.add_argument("--vrc-images", type=positive_int, default=256,
                  help="VRC images (train.qat --vrc-images, train.calibrate --images) and the "
                       "calibration images of every PTQ method alike; VRC re-fits a layer only "
@@ -198,6 +231,10 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
         raise UserError(f"--{flag.replace('_', '-')} {path} does not exist")
       setattr(args, flag, os.path.abspath(path))
   args.out = os.path.abspath(args.out)
+  if args.data is None and args.train_images < args.vrc_images + PTQ_EVAL_IMAGES:
+    raise UserError(f"--train-images {args.train_images}: train.calibrate / train.ptq take "
+                    f"--vrc-images {args.vrc_images} images and hold out {PTQ_EVAL_IMAGES} "
+                    f"more, so at least {args.vrc_images + PTQ_EVAL_IMAGES} are needed")
   if 0 not in args.seeds:
     raise UserError("--seeds must include 0 (the seed of every other row)")
   return args
@@ -269,14 +306,15 @@ class Plan:
     for name, given, n, seed in splits:
       if given is None and not (name == "val-images" and a.data is not None):
         runs.append(Run(name, self.folder("data", name), "eval.synthetic",
-                        ["images", "--images", n, "--size", *size, "--seed", seed, "--quiet"]))
+                        ["images", "--images", n, "--size", *size, "--seed", seed,
+                         "--style", a.synthetic_style, "--quiet"]))
     videos = (("train-videos", a.video_data, a.train_videos, 0),
               ("test-videos", a.test_video_data, a.test_videos, 2))
     for name, given, n, seed in videos:
       if given is None:
         runs.append(Run(name, self.folder("data", name), "eval.synthetic",
                         ["video", "--videos", n, "--frames", a.video_length, "--size", *size,
-                         "--seed", seed, "--quiet"]))
+                         "--seed", seed, "--style", a.synthetic_style, "--quiet"]))
     return runs
 
   def split(self, name: str) -> str:
@@ -315,22 +353,42 @@ class Plan:
              "--save-every", a.save_every, "--no-progress"]
     return args
 
-  def pretrain_run(self) -> Optional[Run]:
+  def _pretrain(self, name: str, init: str, steps: int, box_prob: float) -> Run:
     a = self.a
-    if a.pretrain_steps == 0:
-      return None
-    args = ["--method", "fp", "--init", self.init_path, *self._train_common(),
-            "--steps", a.pretrain_steps, "--lr", a.pretrain_lr,
-            "--vision-lr", a.pretrain_vision_lr,
-            "--warmup-steps", min(a.pretrain_warmup, a.pretrain_steps),
+    args = ["--method", "fp", "--init", init, *self._train_common(),
+            "--steps", steps, "--lr", f"{a.pretrain_lr:g}",
+            "--vision-lr", f"{a.pretrain_vision_lr:g}", "--box-prob", f"{box_prob:g}",
+            "--warmup-steps", min(a.pretrain_warmup, steps),
             "--eval-every", a.eval_every, *a.train_args, *a.pretrain_args]
-    return Run("pretrain", self.folder("pretrain"), "train.qat", args, resumable=True,
+    return Run(name, self.folder(name), "train.qat", args, resumable=True,
                metrics=trainer_metrics)
+
+  def pretrain_run(self) -> Optional[Run]:
+    """The first phase: the init trained on box prompts (None with --pretrain-steps 0)."""
+    if self.a.pretrain_steps == 0:
+      return None
+    return self._pretrain("pretrain", self.init_path, self.a.pretrain_steps,
+                          self.a.pretrain_box_prob)
+
+  def pretrain_mixed_run(self) -> Optional[Run]:
+    """The second phase: the first phase's model trained on boxes and clicks (`--init` of the
+    first run: a fresh optimizer and schedule with the changed prompt mix)."""
+    first = self.pretrain_run()
+    if first is None or self.a.pretrain_mixed_steps == 0:
+      return None
+    return self._pretrain("pretrain-mixed", first.out, self.a.pretrain_mixed_steps,
+                          self.a.pretrain_mixed_box_prob)
+
+  def pretrain_runs(self) -> List[Run]:
+    """The pretraining phases, in order (the last one makes the FP proxy)."""
+    return [r for r in (self.pretrain_run(), self.pretrain_mixed_run()) if r is not None]
 
   @property
   def fp_path(self) -> str:
-    """The FP proxy: the pretraining's run folder, or the init with --pretrain-steps 0."""
-    return self.init_path if self.a.pretrain_steps == 0 else self.folder("pretrain", "out")
+    """The FP proxy: the last pretraining phase's run folder, or the init with
+    --pretrain-steps 0."""
+    runs = self.pretrain_runs()
+    return runs[-1].out if runs else self.init_path
 
   def vrc_run(self) -> Run:
     """`train.calibrate` of the proxy at W2 (VRC + LSQ starts from it; its figures are VRC's
@@ -338,16 +396,16 @@ class Plan:
     a = self.a
     return Run("vrc-w2", self.folder("quantize", "vrc-w2"), "train.calibrate",
                ["--init", self.fp_path, "--data", self.split("train-images"), "--images",
-                a.vrc_images, "--bits", 2, "--image-size", a.image_size, "--quiet",
-                *a.ptq_args])
+                a.vrc_images, "--eval-images", PTQ_EVAL_IMAGES, "--bits", 2, "--image-size",
+                a.image_size, "--quiet", *a.ptq_args])
 
   def qat_run(self, row: sr.Row, lr: float, name: str, folder: str) -> Run:
     a = self.a
     init = os.path.join(self.vrc_run().out) if row.vrc_init else self.fp_path
     args = ["--method", row.method, "--bits", row.bits, "--init", init, *self._train_common(),
             "--steps", a.qat_steps, "--lr", f"{lr:g}", "--eval-every", 0, "--seed", row.seed,
-            "--calib-images", a.calib_images, "--vrc-images", a.vrc_images,
-            *row.qat_flags, *a.train_args, *a.qat_args]
+            "--calib-images", a.calib_images, "--calib-clips", a.calib_clips,
+            "--vrc-images", a.vrc_images, *row.qat_flags, *a.train_args, *a.qat_args]
     return Run(name, folder, "train.qat", args, resumable=True, metrics=trainer_metrics)
 
   def lr_runs(self, method: str) -> List[Run]:
@@ -395,13 +453,14 @@ class Plan:
     baseline) it needs is not chosen yet. The FP row's model is the pretraining (or --init)."""
     a = self.a
     if row.kind == "fp":
-      return [r for r in (self.init_run(), self.pretrain_run()) if r is not None]
+      return [r for r in (self.init_run(), *self.pretrain_runs()) if r is not None]
     if row.kind == "ptq":
       return [Run(row.name, self.folder("quantize", row.name), "train.ptq",
                   ["--init", self.fp_path, "--bits", row.bits, "--method", row.method,
                    "--data", self.split("train-images"), "--images", a.vrc_images,
-                   "--eval-images", 8, "--image-size", a.image_size, "--quiet",
-                   *a.ptq_args])]
+                   "--eval-images", PTQ_EVAL_IMAGES, "--image-size", a.image_size,
+                   "--video-data", self.split("train-videos"), "--calib-clips", a.calib_clips,
+                   "--video-frames", a.video_frames, "--quiet", *a.ptq_args])]
     row = self.resolve(row)
     if row is None:
       return None
@@ -454,16 +513,16 @@ def _run_all(runs: Sequence[Run], say: Callable[[str], None]) -> None:
 
 
 def stage_pretrain(plan: Plan, say=print) -> None:
-  say("pretrain: data splits, init, FP proxy")
-  runs = plan.data_runs() + [r for r in (plan.init_run(), plan.pretrain_run()) if r]
+  say("pretrain: data splits, init, FP proxy (box prompts, then boxes and clicks)")
+  runs = plan.data_runs() + [r for r in (plan.init_run(), *plan.pretrain_runs()) if r]
   _run_all(runs, say)
 
 
 def _need_fp(plan: Plan) -> None:
-  run = plan.pretrain_run()
-  if run is not None and read_done(run.folder) is None:
-    raise UserError(f"the FP proxy is not trained yet ({run.folder} has no done.json): run "
-                    "--stage pretrain first")
+  for run in plan.pretrain_runs():
+    if read_done(run.folder) is None:
+      raise UserError(f"the FP proxy is not trained yet ({run.folder} has no done.json): run "
+                      "--stage pretrain first")
 
 
 def stage_quantize(plan: Plan, say=print) -> None:

@@ -228,10 +228,11 @@ def plot_miou_vs_bits(lines, floor, path: str) -> Optional[str]:
 def _training_curves(plan, lines, path: str) -> Optional[str]:
   from eval.report import plot_training_curves
   runs = []
-  pre = plan.pretrain_run()
-  if pre is not None and read_done(pre.folder):
-    runs.append({"name": "FP pretrain", "metrics_jsonl": os.path.join(
-        pre.out, "logs", "metrics.jsonl")})
+  for pre, label in zip(plan.pretrain_runs(), ("FP pretrain (boxes)",
+                                               "FP pretrain (boxes + clicks)")):
+    if read_done(pre.folder):
+      runs.append({"name": label, "metrics_jsonl": os.path.join(pre.out, "logs",
+                                                                "metrics.jsonl")})
   for ln in lines:
     r = ln["row"]
     if r.trains and r.bits == 2 and r.seed == 0 and ln["runs"]:
@@ -272,7 +273,7 @@ def _vrc_figures(plan, fig_dir: str) -> List[tuple[str, str]]:
 
 def _all_runs(plan) -> List[Any]:
   runs = list(plan.data_runs())
-  for r in (plan.init_run(), plan.pretrain_run()):
+  for r in (plan.init_run(), *plan.pretrain_runs()):
     if r is not None:
       runs.append(r)
   for m in sr.QAT_METHODS:
@@ -314,8 +315,10 @@ def build(plan, out: str) -> str:
        f"- Data: {_data_text(plan)}",
        f"- Model: SAM2.1-t at {a.image_size}², FP proxy "
        + (f"= `{a.init}`" if a.pretrain_steps == 0 else
-          f"trained {a.pretrain_steps} steps from "
-          + (f"`{a.init}`" if a.init else "PyTorch's default init")
+          f"trained {a.pretrain_steps} steps with {a.pretrain_box_prob:g} box prompts"
+          + (f", then {a.pretrain_mixed_steps} steps with {a.pretrain_mixed_box_prob:g} box "
+             "prompts (the rest clicks)" if a.pretrain_mixed_steps else "")
+          + " from " + (f"`{a.init}`" if a.init else "PyTorch's default init")
           + f" (lr {a.pretrain_lr:g}, vision lr {a.pretrain_vision_lr:g}, batch {a.batch_size}, "
           f"{a.masks_per_image} masks / image, clip steps {a.video_ratio:g})"),
        f"- QAT budget: {a.qat_steps} steps per run, batch {a.batch_size}; LR per method from "
@@ -411,8 +414,8 @@ def _data_text(plan) -> str:
            "test-videos": a.test_videos}[name]
       seed = {"train": 0, "val": 1, "test": 2}[name.split("-")[0]]
       parts.append(f"{name} synthetic ({n}, seed {seed})")
-  return "; ".join(parts) + (f"; videos of {a.video_length} frames, training clips of "
-                             f"{a.video_frames}")
+  return "; ".join(parts) + (f"; synthetic style {a.synthetic_style}; videos of "
+                             f"{a.video_length} frames, training clips of {a.video_frames}")
 
 
 def write(plan, out: str) -> str:

@@ -19,6 +19,7 @@ import pytest
 
 from eval import study, study_report, study_runs
 from eval import study_rows as sr
+from qat_testlib import tiny_init  # noqa: F401 - fixture
 from qsam2_jax.errors import UserError
 from qsam2_jax.files import write_json
 
@@ -65,15 +66,30 @@ def _plan(tmp_path, *extra):
 
 
 def test_plan_commands(tmp_path):
-  """The commands are the public ones with the study's flags; the ablations' flags reach
-  train.qat; VRC + LSQ trains LSQ from a train.calibrate (VRC) checkpoint."""
-  plan = _plan(tmp_path, "--pretrain-steps", "30", "--pretrain-warmup", "50")
+  """The commands are the public ones with the study's flags; the pretraining is the recipe
+  that climbs (box prompts, vision lr 1e-5), then boxes and clicks from its checkpoint; the
+  ablations' flags reach train.qat; VRC + LSQ trains LSQ from a train.calibrate (VRC)
+  checkpoint."""
+  plan = _plan(tmp_path, "--pretrain-steps", "30", "--pretrain-warmup", "50",
+               "--pretrain-mixed-steps", "20")
   pre = plan.pretrain_run()
   cmd = pre.command_line()
-  assert cmd.startswith("python -m train.qat --method fp --init ")
-  for flag in ("--lr 0.001", "--vision-lr 0.0001", "--masks-per-image 8", "--batch-size 8",
-               "--warmup-steps 30", "--dtype float32", "--image-size 128", "--steps 30"):
+  assert cmd.startswith(f"python -m train.qat --method fp --init {plan.init_path} ")
+  for flag in ("--lr 0.001", "--vision-lr 1e-05", "--box-prob 1 ", "--masks-per-image 8",
+               "--batch-size 8", "--warmup-steps 30", "--dtype float32", "--image-size 128",
+               "--steps 30"):
     assert flag in cmd, flag
+  mixed = plan.pretrain_mixed_run()
+  cmd2 = mixed.command_line()
+  assert cmd2.startswith(f"python -m train.qat --method fp --init {pre.out} ")
+  for flag in ("--lr 0.001", "--vision-lr 1e-05", "--box-prob 0.5 ", "--steps 20",
+               "--warmup-steps 20"):
+    assert flag in cmd2, flag
+  assert mixed.folder != pre.folder and mixed.resumable
+  assert plan.fp_path == mixed.out
+  rows0 = {r.name: r for r in sr.table_rows()}
+  assert [r.name for r in plan.model_runs(rows0["fp"])] == ["init", "pretrain", "pretrain-mixed"]
+  assert all("--style varied" in r.command_line() for r in plan.data_runs())
   assert plan.init_run().command_line().startswith(
       "python -m convert.random_checkpoint --config sam2.1_hiera_t --seed 0 "
       "--no-randomize-constants")
@@ -85,10 +101,14 @@ def test_plan_commands(tmp_path):
   assert plan.model_runs(rows["qat-lsq-w4a4"]) is None    # the LR is not chosen yet
   ptq = plan.model_runs(rows["ptq-vrcmse-w2a2"])[0].command_line()
   assert "train.ptq" in ptq and "--method vrc+mse" in ptq and "--bits 2" in ptq
+  assert f"--init {mixed.out} " in ptq     # the proxy is the second phase's model
+  # PTQ calibrates the memory path on clips of the training videos, like QAT
+  assert f"--video-data {plan.split('train-videos')} --calib-clips 8 --video-frames 8" in ptq
   assert "--images 256" in ptq   # enough rows for VRC on the last Hiera stage at 128²
   _fake_lr(plan, {"qsam2": (0.2, 0.3), "lsq": (0.1, 0.05)})
   nomom = plan.model_runs(rows["abl-nomomentum-w2a2"])[-1].command_line()
   assert "--method qsam2 --bits 2" in nomom and "--ema-momentum 0" in nomom
+  assert "--calib-clips 8" in nomom
   assert "--lr 0.001" in nomom          # qsam2's choice
   vl = plan.model_runs(rows["abl-vrclsq-w2a2"])
   assert [r.module for r in vl] == ["train.calibrate", "train.qat"]
@@ -96,6 +116,17 @@ def test_plan_commands(tmp_path):
   assert "--lr 0.0001" in vl[1].command_line()
   q2 = plan.model_runs(rows["qat-qsam2-w2a2"])
   assert len(q2) == 1 and q2[0].folder.endswith(os.path.join("lr", "qat-qsam2-w2a2-lr0.001"))
+
+
+def test_plan_pretraining_phases(tmp_path):
+  """--pretrain-mixed-steps 0: the box phase makes the proxy; --pretrain-steps 0: no
+  pretraining at all, --init is the proxy (the second phase continues the first)."""
+  one = _plan(tmp_path, "--pretrain-mixed-steps", "0", "--synthetic-style", "basic")
+  assert one.pretrain_mixed_run() is None and one.fp_path == one.pretrain_run().out
+  assert all("--style basic" in r.command_line() for r in one.data_runs())
+  (tmp_path / "ckpt").mkdir()
+  none = _plan(tmp_path, "--pretrain-steps", "0", "--init", str(tmp_path / "ckpt"))
+  assert none.pretrain_runs() == [] and none.fp_path == str(tmp_path / "ckpt")
 
 
 def test_plan_with_user_data(tmp_path):
@@ -223,7 +254,8 @@ def test_report_from_fake_run_folders(tmp_path):
   plan = _plan(tmp_path, "--pretrain-steps", "100")
   rows = {r.name: r for r in sr.table_rows()}
   _done(plan.init_run(), {}, wall=5.0)
-  _done(plan.pretrain_run(), {"val_miou": 0.7}, wall=3600.0)
+  _done(plan.pretrain_run(), {"val_miou": 0.7}, wall=3000.0)
+  _done(plan.pretrain_mixed_run(), {"val_miou": 0.6}, wall=600.0)
   _fake_eval(plan, "fp", box=80.0, click=70.0, jf=65.0, size=1.0, small=75.0)
   # Validation: qsam2 prefers lr 1e-3; baselines: lsq has the best validation mIoU (so it gets
   # the extra seeds) although pact is best on the test split.
@@ -287,6 +319,7 @@ def test_report_from_fake_run_folders(tmp_path):
   assert "qsam2 0.001 (val 0.3000)" in text and "best baseline (val): lsq" in text
   assert (tmp_path / "docs" / "results_figures" / "miou_vs_bits.png").is_file()
   assert plan.pretrain_run().command_line() in text
+  assert plan.pretrain_mixed_run().command_line() in text
 
 
 def _table(text, head):
@@ -307,6 +340,13 @@ def test_cli_errors(tmp_path, capsys):
   assert study.main(["--data", str(tmp_path), "--list-rows"]) == 2
   assert "--test-data" in capsys.readouterr().err
   assert study.main(["--stage", "bogus"]) == 2
+  assert study.main(["--pretrain-box-prob", "1.5", "--list-rows"]) == 2
+  assert "[0, 1]" in capsys.readouterr().err
+  assert study.main(["--synthetic-style", "hard", "--list-rows"]) == 2
+  capsys.readouterr()
+  assert study.main(["--train-images", "9", "--vrc-images", "2", "--list-rows"]) == 2
+  err = capsys.readouterr().err
+  assert "--train-images 9" in err and "at least 10" in err
   assert study.main(["--out", str(tmp_path / "s"), "--stage", "quantize"]) == 2
   assert "run --stage pretrain first" in capsys.readouterr().err
 
@@ -325,9 +365,11 @@ def test_tiny_study_end_to_end_then_skips(tmp_path, monkeypatch):
           "--rows", "fp,ptq-minmax-w8a8,qat-qsam2-w2a2", "--image-size", "64",
           "--train-images", "12", "--val-images", "4", "--test-images", "3",
           "--train-videos", "2", "--test-videos", "1", "--video-length", "4",
-          "--video-frames", "2", "--pretrain-steps", "2", "--qat-steps", "2",
+          "--video-frames", "2", "--pretrain-steps", "2", "--pretrain-mixed-steps", "2",
+          "--qat-steps", "2",
           "--lr-grid", "1e-4", "--seeds", "0", "--batch-size", "2", "--masks-per-image", "2",
-          "--calib-images", "2", "--vrc-images", "2", "--save-every", "1", "--eval-every", "0",
+          "--calib-images", "2", "--calib-clips", "2", "--vrc-images", "2", "--save-every", "1",
+          "--eval-every", "0",
           "--video-ratio", "0", "--qat-args", "--preset encoder --calib-clips 0",
           "--train-args", "--eval-batch-size 2"]
   t0 = time.time()
@@ -365,3 +407,43 @@ def _logs(tmp_path):
   for d, _, files in os.walk(tmp_path):
     if "log.txt" in files and "done.json" not in files:
       yield os.path.join(d, "log.txt")
+
+
+@pytest.mark.slow
+def test_tiny_ablations_nomomentum_and_vrc_lsq(tmp_path, monkeypatch, tiny_init):  # noqa: F811
+  """The two ablations whose recipe is not a --method of its own, through the study's commands
+  on the reduced SAM2.1-t (`qat_testlib`, 64², the proxy = its init, 2 steps, image steps,
+  `encoder` preset): "LSC without momentum" trains Q-SAM2 with --ema-momentum 0 (the saved
+  recipe holds 0, the plain Q-SAM2 run 0.9); "VRC + LSQ" trains LSQ from `train.calibrate`'s
+  VRC checkpoint of the proxy (its --init; VRC changed encoder weights there)."""
+  import numpy as np
+
+  from qsam2_jax import checkpoint
+  monkeypatch.setenv("XLA_FLAGS", "")   # one CPU device in the commands (conftest forces 8)
+  argv = ["--out", str(tmp_path / "study"), "--stage", "quantize", "--init", tiny_init,
+          "--pretrain-steps", "0", "--rows", "abl-nomomentum-w2a2,abl-vrclsq-w2a2",
+          "--image-size", "64", "--train-images", "10", "--val-images", "2", "--test-images", "2",
+          "--train-videos", "1", "--test-videos", "1", "--video-length", "3",
+          "--video-frames", "2", "--qat-steps", "2", "--lr-grid", "1e-4", "--seeds", "0",
+          "--batch-size", "2", "--masks-per-image", "2", "--calib-images", "2",
+          "--vrc-images", "2", "--save-every", "0", "--video-ratio", "0",
+          "--qat-args", "--preset encoder --calib-clips 0 --eval-images 0"]
+  t0 = time.time()
+  assert study.main(argv) == 0, open(next(iter(_logs(tmp_path)), os.devnull)).read()[-3000:]
+  print(f"tiny ablations: {time.time() - t0:.0f} s")
+  plan = study.Plan(study.parse_args(argv))
+  rows = {r.name: r for r in sr.table_rows((0,))}
+  nomom = plan.model_runs(rows["abl-nomomentum-w2a2"])[-1]
+  qsam2 = plan.lr_runs("qsam2")[0]
+  recipe = lambda run: checkpoint.check(run.out)["quant"]
+  assert recipe(nomom)["ema_momentum"] == 0 and recipe(qsam2)["ema_momentum"] == 0.9
+  assert recipe(nomom)["method"] == recipe(qsam2)["method"]
+  vrc, lsq = plan.model_runs(rows["abl-vrclsq-w2a2"])
+  assert checkpoint.check(vrc.out)["kind"] == "calibrated"
+  meta = checkpoint.check(lsq.out)
+  assert meta["origin"] == vrc.out and meta["run"]["init"] == vrc.out
+  assert meta["quant"]["method"] == "lsq"
+  refit, _ = checkpoint.load_sam2(vrc.out)
+  init, _ = checkpoint.load_sam2(tiny_init)
+  k = lambda m: np.asarray(m.image_encoder.trunk.blocks[0].mlp.layers[0].kernel[...])
+  assert not np.allclose(k(refit), k(init))

@@ -4,6 +4,10 @@ They let every pipeline (QAT, mIoU and J&F evaluation) run end to end without do
 dataset. Shapes (ellipses, star-shaped polygons, rectangles) carry their own textures (stripes,
 checkers, rings, blotches) on a textured background plus sensor noise, so a mask is not a colour
 threshold away. Ground truth is the visible part of each shape: later shapes occlude earlier ones.
+Style "varied" (opt-in; the default "basic" is unchanged) adds non-convex, thin, holed and
+multi-part shapes, more occluders and unlabelled look-alikes in the background, so that a mask
+is far from its box: at 128² the floors (mask = box, mask = ellipse inscribed in the box) are
+0.49 / 0.52 there against 0.66 / 0.71 for basic (64 images of seed 1).
 
 Layouts:
   images: `<out>/images/000001.jpg ...` and `<out>/annotations.json` (COCO; `file_name` is
@@ -37,12 +41,40 @@ from scipy import ndimage
 from qsam2_jax.data import rle
 
 SHAPES = ("ellipse", "polygon", "rectangle")
+# Shapes a box or an inscribed ellipse fits badly (style "varied"): non-convex, thin, holed,
+# unions of parts.
+VARIED_SHAPES = ("star", "cross", "ring", "lshape", "bar", "crescent", "dumbbell")
+ALL_SHAPES = SHAPES + VARIED_SHAPES
 CATEGORIES = tuple({"id": i + 1, "name": name, "supercategory": "shape"}
                    for i, name in enumerate(SHAPES))
 TEXTURES = ("flat", "stripes", "checker", "rings", "blotches")
 MIN_SIZE = 16  # smallest image side we generate (shapes need a few pixels)
 JPEG_QUALITY = 90
-_IMAGE_STREAM, _VIDEO_STREAM = 0, 1  # keep image i and video i of one seed independent
+# basic: convex-ish shapes on smooth backgrounds (the original generator; a box fills ~0.66 of
+# a mask at 128²). varied: adds VARIED_SHAPES, more occluders and unlabelled object-like
+# clutter in the background, so the mask = box / ellipse floors are low (see `synth_image`).
+STYLES = ("basic", "varied")
+# Kind weights of the varied style (ALL_SHAPES order): few convex shapes.
+_VARIED_WEIGHTS = np.array([0.05, 0.07, 0.04, 0.14, 0.13, 0.12, 0.12, 0.11, 0.11, 0.11])
+# Random streams: image i and video i of one seed are independent, and a varied item shares no
+# draws with the basic item of the same (seed, index).
+_IMAGE_STREAM, _VIDEO_STREAM = 0, 1
+_VARIED_IMAGE_STREAM, _VARIED_VIDEO_STREAM = 2, 3
+MIN_CONTRAST = 24.0  # varied: a shape whose visible mean colour is this close to its
+#                      surroundings' (RGB distance, before noise) gets no annotation
+
+
+def categories(style: str = "basic") -> tuple[dict, ...]:
+  """The COCO categories of a style's datasets (ids of the basic shapes are the same in both)."""
+  names = SHAPES if _check_style(style) == "basic" else ALL_SHAPES
+  return tuple({"id": i + 1, "name": name, "supercategory": "shape"}
+               for i, name in enumerate(names))
+
+
+def _check_style(style: str) -> str:
+  if style not in STYLES:
+    raise ValueError(f"style must be one of {', '.join(STYLES)}, got {style!r}")
+  return style
 
 Progress = Callable[[int], object]
 
@@ -70,13 +102,15 @@ class _Shape:
   texture: _Texture
   poly_xy: np.ndarray | None = None  # (n, 2) vertices (x, y) in pixels, by increasing angle
   poly_angles: np.ndarray | None = None  # (n,) their polar angles in [0, 2 pi)
+  params: tuple[float, ...] = ()  # the varied kinds' proportions (see `_inside`)
 
   @property
   def extent(self) -> float:
     """Largest distance of a shape pixel from its centre at scale 1 (bounds its footprint)."""
-    if self.kind == "rectangle":
-      return self.radius * math.sqrt(1.0 + self.aspect**2)
-    return self.radius
+    if self.kind in ("ellipse", "polygon", "star"):
+      return self.radius
+    # Every other kind lies inside the rectangle [-a, a] x [-b, b].
+    return self.radius * math.sqrt(1.0 + self.aspect**2)
 
 
 def _random_colour_pair(rng: np.random.Generator) -> np.ndarray:
@@ -100,8 +134,13 @@ def _random_texture(rng: np.random.Generator) -> _Texture:
   )
 
 
-def _random_shape(rng: np.random.Generator, radius: float) -> _Shape:
-  kind = SHAPES[rng.integers(len(SHAPES))]
+def _random_shape(rng: np.random.Generator, radius: float, style: str = "basic",
+                  kind: str | None = None) -> _Shape:
+  """A random shape of `style`; `kind` fixes a basic kind instead of drawing it."""
+  if style == "varied":
+    return _random_varied_shape(rng, radius)
+  if kind is None:
+    kind = SHAPES[rng.integers(len(SHAPES))]
   aspect = float(rng.uniform(0.45, 1.0))
   xy = angles = None
   if kind == "polygon":
@@ -117,13 +156,71 @@ def _random_shape(rng: np.random.Generator, radius: float) -> _Shape:
   return _Shape(kind, float(radius), aspect, _random_texture(rng), xy, angles)
 
 
+def _random_varied_shape(rng: np.random.Generator, radius: float) -> _Shape:
+  """A shape of the varied style. Thin parts are at least ~3 px wide at scale 1, so no shape
+  vanishes into a line of pixels."""
+  kind = ALL_SHAPES[rng.choice(len(ALL_SHAPES), p=_VARIED_WEIGHTS)]
+  if kind in SHAPES:
+    return _random_shape(rng, radius, kind=kind)
+  aspect = float(rng.uniform(0.5, 1.0))
+  thin = 1.5 / radius  # half-width of 1.5 px, in units of the radius
+  xy = angles = None
+  params: tuple[float, ...] = ()
+  if kind == "star":
+    n = int(rng.integers(4, 8))
+    inner = rng.uniform(0.3, 0.55)
+    jitter = rng.uniform(-0.15, 0.15, 2 * n)   # < half a step: gaps stay < pi (star-shaped)
+    a = math.pi * (np.arange(2 * n) + jitter) / n + rng.uniform(0, 2 * math.pi)
+    rho = np.where(np.arange(2 * n) % 2 == 0, rng.uniform(0.85, 1.0, 2 * n),
+                   inner * rng.uniform(0.85, 1.15, 2 * n))
+    xy = np.stack([radius * rho * np.cos(a), radius * aspect * rho * np.sin(a)], axis=1)
+    angles = np.arctan2(xy[:, 1], xy[:, 0]) % (2 * math.pi)
+    order = np.argsort(angles)
+    xy, angles = xy[order], angles[order]
+  elif kind == "cross":   # arm half-width (of the shorter side), where the arms cross
+    params = (max(rng.uniform(0.18, 0.35), thin / aspect), rng.uniform(-0.5, 0.5),
+              rng.uniform(-0.5, 0.5))
+  elif kind == "ring":    # inner radius as a share of the outer one
+    params = (max(0.0, min(rng.uniform(0.45, 0.72), 1.0 - 2 * thin / aspect)),)
+  elif kind == "lshape":  # the removed corner starts at these shares of the half-extents
+    params = (rng.uniform(-0.6, 0.2), rng.uniform(-0.6, 0.2))
+  elif kind == "bar":
+    aspect = max(float(rng.uniform(0.1, 0.25)), thin)
+  elif kind == "crescent":  # offset and size of the ellipse cut out of the ellipse
+    params = (rng.uniform(0.35, 0.75), rng.uniform(0.8, 1.0))
+  else:                   # dumbbell: end-disc radius (share of the half-length), bar half-width
+    params = (rng.uniform(0.3, 0.45), max(rng.uniform(0.1, 0.2), thin / aspect))
+  return _Shape(kind, float(radius), aspect, _random_texture(rng), xy, angles,
+                tuple(float(p) for p in params))
+
+
 def _inside(shape: _Shape, u: np.ndarray, v: np.ndarray) -> np.ndarray:
   """Membership of local coordinates (u, v) (pixels at scale 1)."""
   a, b = shape.radius, shape.radius * shape.aspect
   if shape.kind == "ellipse":
     return (u / a) ** 2 + (v / b) ** 2 <= 1.0
-  if shape.kind == "rectangle":
+  if shape.kind in ("rectangle", "bar"):
     return (np.abs(u) <= a) & (np.abs(v) <= b)
+  if shape.kind == "cross":
+    w, cu, cv = shape.params
+    hw = w * b
+    return (((np.abs(u) <= a) & (np.abs(v - cv * b) <= hw))
+            | ((np.abs(u - cu * a) <= hw) & (np.abs(v) <= b)))
+  if shape.kind == "ring":
+    r2 = (u / a) ** 2 + (v / b) ** 2
+    return (r2 <= 1.0) & (r2 > shape.params[0] ** 2)
+  if shape.kind == "lshape":
+    pu, pv = shape.params
+    return (np.abs(u) <= a) & (np.abs(v) <= b) & ((u <= pu * a) | (v <= pv * b))
+  if shape.kind == "crescent":
+    d, r = shape.params
+    outer = (u / a) ** 2 + (v / b) ** 2 <= 1.0
+    return outer & (((u - d * a) / (r * a)) ** 2 + (v / (r * b)) ** 2 > 1.0)
+  if shape.kind == "dumbbell":
+    r, hw = shape.params
+    ends = [((u - s * (1 - r) * a) / (r * a)) ** 2 + (v / min(b, 1.6 * r * a)) ** 2 <= 1.0
+            for s in (-1.0, 1.0)]
+    return ends[0] | ends[1] | ((np.abs(u) <= a) & (np.abs(v) <= hw * b))
   # Star-shaped polygon: inside iff the point is no farther than the edge along its own ray.
   px, py = shape.poly_xy[:, 0], shape.poly_xy[:, 1]
   n = px.size
@@ -230,11 +327,13 @@ class SyntheticImage:
 
   image: (H, W, 3) uint8 RGB (before JPEG compression). labels: (H, W) int32, 0 = background,
   k = the k-th shape drawn (its visible pixels). categories: category id of each shape, 1-based
-  in `CATEGORIES`.
+  in `categories(style)`. hidden: ids k of shapes that get no annotation because they blend
+  into their surroundings (style "varied"; see `MIN_CONTRAST`).
   """
   image: np.ndarray
   labels: np.ndarray
   categories: tuple[int, ...]
+  hidden: tuple[int, ...] = ()
 
 
 def default_min_area(size: Sequence[int]) -> int:
@@ -243,12 +342,22 @@ def default_min_area(size: Sequence[int]) -> int:
   return max(16, round(0.0005 * h * w))
 
 
-def synth_image(seed: int, index: int, size: Sequence[int] = (256, 256)) -> SyntheticImage:
-  """Image `index` of the dataset with this seed: 3-7 textured shapes, sizes spanning the COCO
-  small / medium / large buckets at 256². At least one shape is visible over
-  `default_min_area(size)` pixels, so every image has an annotation."""
+def synth_image(seed: int, index: int, size: Sequence[int] = (256, 256),
+                style: str = "basic") -> SyntheticImage:
+  """Image `index` of the dataset with this seed and style; at least one shape is annotatable
+  (visible over `default_min_area(size)` pixels, not hidden), so every image has an annotation.
+
+  basic: 3-7 textured shapes (ellipses, star-shaped polygons, rectangles), sizes spanning the
+  COCO small / medium / large buckets at 256². varied: 4-9 shapes, most of them non-convex,
+  thin, holed or made of parts (`VARIED_SHAPES`), painted over 2-5 unlabelled shapes of the
+  same kinds and textures in the background, so neither the prompt box nor the ellipse inscribed
+  in it is a good mask, and texture alone does not say what is an object.
+  """
   h, w = _check_size(size)
-  rng = np.random.default_rng([_check_count(seed, "seed", 0), _IMAGE_STREAM, index])
+  seed = _check_count(seed, "seed", 0)
+  if _check_style(style) == "varied":
+    return _synth_varied_image(seed, index, h, w)
+  rng = np.random.default_rng([seed, _IMAGE_STREAM, index])
   while True:  # redraws are rare (every shape tiny or off-image) and deterministic
     canvas = _background(rng, h, w)
     labels = np.zeros((h, w), np.int32)
@@ -267,11 +376,65 @@ def synth_image(seed: int, index: int, size: Sequence[int] = (256, 256)) -> Synt
       return SyntheticImage(_finish(canvas, rng, rng.uniform(2, 8)), labels, tuple(cats))
 
 
+def _paint_clutter(rng: np.random.Generator, canvas: np.ndarray, count: int,
+                   radii: tuple[float, float]) -> None:
+  """Paints `count` unlabelled varied shapes into `canvas` (background that looks like objects);
+  radii are shares of the shorter side, log-uniform."""
+  h, w = canvas.shape[:2]
+  for _ in range(count):
+    radius = min(h, w) * math.exp(rng.uniform(math.log(radii[0]), math.log(radii[1])))
+    shape = _random_shape(rng, radius, "varied")
+    pose = (rng.uniform(0, h - 1), rng.uniform(0, w - 1), rng.uniform(0, 2 * math.pi), 1.0)
+    drawn = _render_shape(shape, pose, h, w)
+    if drawn is not None:
+      crop, mask, colour = drawn
+      canvas[crop][mask] = colour[mask]
+
+
+def contrast(canvas: np.ndarray, mask: np.ndarray, width: int = 2) -> float:
+  """RGB distance between the mean colour of `mask` and that of the `width`-pixel band around
+  it (inf when the mask is empty or has no surroundings)."""
+  if not mask.any():
+    return math.inf
+  band = ndimage.binary_dilation(mask, iterations=width) & ~mask
+  if not band.any():
+    return math.inf
+  return float(np.linalg.norm(canvas[mask].mean(0) - canvas[band].mean(0)))
+
+
+def _synth_varied_image(seed: int, index: int, h: int, w: int) -> SyntheticImage:
+  rng = np.random.default_rng([seed, _VARIED_IMAGE_STREAM, index])
+  min_area = default_min_area((h, w))
+  while True:  # redraws (nothing annotatable) are rare and deterministic
+    canvas = _background(rng, h, w)
+    _paint_clutter(rng, canvas, int(rng.integers(2, 6)), (0.05, 0.2))
+    labels = np.zeros((h, w), np.int32)
+    cats = []
+    for k in range(1, int(rng.integers(4, 10)) + 1):
+      radius = min(h, w) * math.exp(rng.uniform(math.log(0.07), math.log(0.34)))
+      shape = _random_shape(rng, radius, "varied")
+      pose = (rng.uniform(0, h - 1), rng.uniform(0, w - 1), rng.uniform(0, 2 * math.pi), 1.0)
+      drawn = _render_shape(shape, pose, h, w)
+      if drawn is not None:
+        crop, mask, colour = drawn
+        canvas[crop][mask] = colour[mask]
+        labels[crop][mask] = k
+      cats.append(ALL_SHAPES.index(shape.kind) + 1)
+    areas = np.bincount(labels.ravel(), minlength=len(cats) + 1)
+    hidden = tuple(k for k in range(1, len(cats) + 1)
+                   if areas[k] and contrast(canvas, labels == k) < MIN_CONTRAST)
+    if any(areas[k] >= min_area and k not in hidden for k in range(1, len(cats) + 1)):
+      return SyntheticImage(_finish(canvas, rng, rng.uniform(2, 8)), labels, tuple(cats), hidden)
+
+
 def image_annotations(sample: SyntheticImage, image_id: int, first_ann_id: int,
                       min_area: int) -> list[dict]:
-  """COCO annotations of the shapes whose visible area is at least `min_area` pixels."""
+  """COCO annotations of the shapes whose visible area is at least `min_area` pixels (hidden
+  shapes excluded)."""
   anns = []
   for k, cat in enumerate(sample.categories, start=1):
+    if k in sample.hidden:
+      continue
     mask = sample.labels == k
     area = rle.area(mask)
     if area < min_area:
@@ -312,15 +475,15 @@ def _exit_distance(p: np.ndarray, direction: np.ndarray, lo: np.ndarray, hi: np.
   return max(0.0, min(dists))
 
 
-def _sample_video(rng: np.random.Generator, h: int, w: int, num_frames: int
-                  ) -> tuple[list[_Shape], np.ndarray, int]:
+def _sample_video(rng: np.random.Generator, h: int, w: int, num_frames: int,
+                  style: str = "basic") -> tuple[list[_Shape], np.ndarray, int]:
   """Objects and their poses (K, T, 4) = (cy, cx, theta, scale) per frame; one wanderer."""
-  k = int(rng.integers(2, 5))
+  k = int(rng.integers(2, 5)) if style == "basic" else int(rng.integers(3, 6))
   dims = np.array([h, w], np.float64)
   t = np.arange(num_frames, dtype=np.float64)
   shapes, poses = [], []
   for _ in range(k):
-    shape = _random_shape(rng, min(h, w) * rng.uniform(0.12, 0.24))
+    shape = _random_shape(rng, min(h, w) * rng.uniform(0.12, 0.24), style)
     c0 = rng.uniform(0.2, 0.8, 2) * dims
     amp = rng.uniform(0.05, 0.25, 2) * dims
     omega = rng.uniform(0.1, 0.35, 2)
@@ -348,9 +511,12 @@ def _sample_video(rng: np.random.Generator, h: int, w: int, num_frames: int
 
 
 def _render_video(rng: np.random.Generator, shapes: list[_Shape], poses: np.ndarray,
-                  h: int, w: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+                  h: int, w: int, style: str = "basic"
+                  ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
   k, num_frames = poses.shape[:2]
   background = _background(rng, h, w)
+  if style == "varied":   # still, unlabelled look-alikes the objects move over
+    _paint_clutter(rng, background, int(rng.integers(2, 5)), (0.06, 0.18))
   sigma = rng.uniform(2, 6)
   frames = np.zeros((num_frames, h, w, 3), np.uint8)
   labels = np.zeros((num_frames, h, w), np.uint8)
@@ -370,23 +536,31 @@ def _render_video(rng: np.random.Generator, shapes: list[_Shape], poses: np.ndar
 
 
 def synth_video(seed: int, index: int, num_frames: int,
-                size: Sequence[int] = (256, 256)) -> SyntheticVideo:
-  """Video `index` of the dataset with this seed: 2-4 textured objects moving smoothly.
+                size: Sequence[int] = (256, 256), style: str = "basic") -> SyntheticVideo:
+  """Video `index` of the dataset with this seed and style: textured objects moving smoothly
+  (basic: 2-4 of the basic shapes; varied: 3-5 of the varied style's shapes over still,
+  unlabelled look-alikes in the background, see `synth_image`).
 
-  Every object is visible in frame 0 (the semi-supervised prompt frame); objects occlude one
-  another (higher ids on top) and may leave the frame partly; with T >= 3 frames one object (the
-  wanderer) leaves the frame entirely around the middle frame and is back in the last one.
+  Every object is visible in frame 0 (the semi-supervised prompt frame; varied: also with a
+  colour contrast of at least `MIN_CONTRAST` there); objects occlude one another (higher ids on
+  top) and may leave the frame partly; with T >= 3 frames one object (the wanderer) leaves the
+  frame entirely around the middle frame and is back in the last one.
   """
   h, w = _check_size(size)
   num_frames = _check_count(num_frames, "num_frames")
-  rng = np.random.default_rng([_check_count(seed, "seed", 0), _VIDEO_STREAM, index])
+  seed = _check_count(seed, "seed", 0)
+  stream = _VIDEO_STREAM if _check_style(style) == "basic" else _VARIED_VIDEO_STREAM
+  rng = np.random.default_rng([seed, stream, index])
   min_visible = max(9, round(0.004 * h * w))
   mid = (num_frames - 1) // 2
   for _ in range(200):
-    shapes, poses, wanderer = _sample_video(rng, h, w, num_frames)
-    frames, labels, full = _render_video(rng, shapes, poses, h, w)
+    shapes, poses, wanderer = _sample_video(rng, h, w, num_frames, style)
+    frames, labels, full = _render_video(rng, shapes, poses, h, w, style)
     visible0 = [np.count_nonzero(labels[0] == i + 1) for i in range(len(shapes))]
     ok = min(visible0) >= min_visible
+    if ok and style == "varied":
+      f0 = frames[0].astype(np.float64)
+      ok = all(contrast(f0, labels[0] == i + 1) >= MIN_CONTRAST for i in range(len(shapes)))
     if ok and wanderer:
       ok = (not full[wanderer - 1, mid].any()
             and np.count_nonzero(labels[-1] == wanderer) >= min_visible)
@@ -450,7 +624,7 @@ def _atomic_dir(out_dir: str | os.PathLike, overwrite: bool) -> Iterator[Path]:
 def make_image_dataset(out_dir: str | os.PathLike, num_images: int,
                        size: Sequence[int] = (256, 256), seed: int = 0, *,
                        min_area: int | None = None, overwrite: bool = False,
-                       progress: Progress | None = None) -> Path:
+                       progress: Progress | None = None, style: str = "basic") -> Path:
   """Writes a COCO-format instance segmentation dataset of `num_images` synthetic images.
 
   Args:
@@ -463,6 +637,7 @@ def make_image_dataset(out_dir: str | os.PathLike, num_images: int,
       picture as unlabelled clutter.
     overwrite: replace an existing non-empty `out_dir`.
     progress: called with 1 after each image (e.g. `tqdm(total=n).update`).
+    style: "basic" or "varied" (`synth_image`); the categories are `categories(style)`.
 
   Returns:
     The dataset directory: `images/*.jpg` and `annotations.json` (image `file_name`s are
@@ -472,11 +647,12 @@ def make_image_dataset(out_dir: str | os.PathLike, num_images: int,
   h, w = _check_size(size)
   seed = _check_count(seed, "seed", 0)
   min_area = default_min_area((h, w)) if min_area is None else int(min_area)
+  style = _check_style(style)
   images, annotations = [], []
   with _atomic_dir(out_dir, overwrite) as tmp:
     (tmp / "images").mkdir()
     for i in range(num_images):
-      sample = synth_image(seed, i, (h, w))
+      sample = synth_image(seed, i, (h, w), style)
       image_id = i + 1
       file_name = f"images/{image_id:06d}.jpg"
       Image.fromarray(sample.image).save(tmp / file_name, quality=JPEG_QUALITY)
@@ -484,18 +660,20 @@ def make_image_dataset(out_dir: str | os.PathLike, num_images: int,
       annotations += image_annotations(sample, image_id, len(annotations) + 1, min_area)
       if progress is not None:
         progress(1)
-    coco = {
-        "info": {"description": "qsam2_jax synthetic shapes", "seed": seed, "size": [h, w],
-                 "min_area": min_area},
-        "images": images, "annotations": annotations, "categories": list(CATEGORIES),
-    }
+    info = {"description": "qsam2_jax synthetic shapes", "seed": seed, "size": [h, w],
+            "min_area": min_area}
+    if style != "basic":   # basic datasets stay byte-identical to those written before styles
+      info["style"] = style
+    coco = {"info": info, "images": images, "annotations": annotations,
+            "categories": list(categories(style))}
     (tmp / "annotations.json").write_text(json.dumps(coco))
   return Path(out_dir)
 
 
 def make_video_dataset(out_dir: str | os.PathLike, num_videos: int, num_frames: int,
                        size: Sequence[int] = (256, 256), seed: int = 0, *,
-                       overwrite: bool = False, progress: Progress | None = None) -> Path:
+                       overwrite: bool = False, progress: Progress | None = None,
+                       style: str = "basic") -> Path:
   """Writes a DAVIS-layout video object segmentation dataset of synthetic videos.
 
   Args:
@@ -506,6 +684,7 @@ def make_video_dataset(out_dir: str | os.PathLike, num_videos: int, num_frames: 
     seed: non-negative seed; video i depends only on (seed, i).
     overwrite: replace an existing non-empty `out_dir`.
     progress: called with 1 after each video.
+    style: "basic" or "varied" (`synth_video`).
 
   Returns:
     The dataset directory: `JPEGImages/<video>/%05d.jpg`, `Annotations/<video>/%05d.png`
@@ -517,10 +696,12 @@ def make_video_dataset(out_dir: str | os.PathLike, num_videos: int, num_frames: 
   seed = _check_count(seed, "seed", 0)
   meta = {"description": "qsam2_jax synthetic videos", "seed": seed, "size": [h, w],
           "num_frames": num_frames, "videos": {}}
+  if _check_style(style) != "basic":
+    meta["style"] = style
   with _atomic_dir(out_dir, overwrite) as tmp:
     for i in range(num_videos):
       name = f"synth_{i:04d}"
-      video = synth_video(seed, i, num_frames, (h, w))
+      video = synth_video(seed, i, num_frames, (h, w), style)
       img_dir, ann_dir = tmp / "JPEGImages" / name, tmp / "Annotations" / name
       img_dir.mkdir(parents=True)
       ann_dir.mkdir(parents=True)
@@ -550,26 +731,35 @@ def cache_dir() -> str:
   return root
 
 
+def _style_key(style: str) -> str:
+  """The cache-name suffix of a style (none for basic: its folders predate styles)."""
+  return "" if _check_style(style) == "basic" else f"_{style}"
+
+
 def default_image_data(num_images: int = 32, image_size: int = DEFAULT_IMAGE_SIZE,
-                       seed: int = 0) -> str:
+                       seed: int = 0, style: str = "basic") -> str:
   """A synthetic COCO-format dataset folder (images + annotations.json)."""
-  out = os.path.join(cache_dir(), f"synthetic_images_{num_images}_{image_size}_{seed}")
+  out = os.path.join(cache_dir(),
+                     f"synthetic_images_{num_images}_{image_size}_{seed}{_style_key(style)}")
   if not os.path.exists(os.path.join(out, "annotations.json")):
     try:
-      make_image_dataset(out, num_images, size=(image_size, image_size), seed=seed)
+      make_image_dataset(out, num_images, size=(image_size, image_size), seed=seed,
+                         style=style)
     except FileExistsError:
       pass  # another process created it meanwhile
   return out
 
 
 def default_video_data(num_videos: int = 2, num_frames: int = 8,
-                       image_size: int = DEFAULT_IMAGE_SIZE, seed: int = 0) -> str:
+                       image_size: int = DEFAULT_IMAGE_SIZE, seed: int = 0,
+                       style: str = "basic") -> str:
   """A synthetic DAVIS-layout video dataset folder (JPEGImages/, Annotations/)."""
-  out = os.path.join(cache_dir(),
-                     f"synthetic_videos_{num_videos}x{num_frames}_{image_size}_{seed}")
+  out = os.path.join(cache_dir(), f"synthetic_videos_{num_videos}x{num_frames}_{image_size}_"
+                                  f"{seed}{_style_key(style)}")
   if not os.path.isdir(os.path.join(out, "Annotations")):
     try:
-      make_video_dataset(out, num_videos, num_frames, size=(image_size, image_size), seed=seed)
+      make_video_dataset(out, num_videos, num_frames, size=(image_size, image_size), seed=seed,
+                         style=style)
     except FileExistsError:
       pass
   return out
