@@ -29,8 +29,9 @@ JAX: fp32 = default matmul precision, bf16 = bfloat16 compute with float32 param
 `--parts` times the parts of one propagation step instead (random inputs at the model size,
 same weights, alternating, fp32): memory attention with `--filled` of the 7 memory-frame slots
 filled, the SAM heads, the memory encoder and the resize to the video size (the image encoder
-is `benchmarks.image_encoder`). JAX runs the objects as one batch, PyTorch one by one, as their
-predictors do:
+is `benchmarks.image_encoder`). As their predictors do, PyTorch runs the objects one by one and
+JAX on CPU too, inside one jitted call (on accelerators as one batch); JAX's first memory
+self-attention runs once per frame (`MemoryAttention.frame_start`):
 
   python -m benchmarks.video --device cpu --parts --objects 1 --filled 1,4,7 --repeats 3
 """
@@ -252,11 +253,29 @@ def part_timers(cfg: Any, torch_model: Any, state_dict: Dict[str, np.ndarray], o
       jnp.asarray(ptr_valid), jnp.full((b,), n_p, jnp.int32))
 
   def jitted(fn):
-    f = jax.jit(lambda st, *a: fn(nnx.merge(graphdef, st), *a))
+    """As the predictor runs it: on CPU one object after the other (`lax.map` inside the jit,
+    `VideoPredictor.objects_one_by_one`), otherwise the objects as one batch."""
+    def run(mdl, *a):
+      if b == 1 or jax.default_backend() != "cpu":
+        return fn(mdl, *a)
+      return jax.lax.map(lambda row: jax.tree.map(lambda x: x[0], fn(
+          mdl, *jax.tree.map(lambda x: x[None], row))), a)
+    f = jax.jit(lambda st, *a: run(nnx.merge(graphdef, st), *a))
     return lambda *a: (lambda: jax.block_until_ready(f(state, *a)))
 
+  def conditioned(mdl, f, p, bank_):  # the first self-attention once per frame, as the predictor
+    start = mdl.memory_attention.frame_start(f[:1].reshape(1, h * h, c), p[:1].reshape(1, h * h, c))
+    run = lambda row: tracking.memory_conditioned_features(
+        mdl, f[:1], p[:1], jax.tree.map(lambda x: x[None], row), start)[0]
+    if b == 1:
+      return tracking.memory_conditioned_features(mdl, f, p, bank_, start)
+    if jax.default_backend() == "cpu":
+      return jax.lax.map(run, bank_)
+    return tracking.memory_conditioned_features(mdl, f[:1], p[:1], bank_, start)
+
   jax_parts = {
-      "memory attention": jitted(tracking.memory_conditioned_features)(feat, pos, bank),
+      "memory attention": (lambda f, *a: lambda: jax.block_until_ready(f(state, *a)))(
+          jax.jit(lambda st, *a: conditioned(nnx.merge(graphdef, st), *a)), feat, pos, bank),
       "SAM heads": jitted(lambda mdl, f, a, b_: tracking.forward_sam_heads(
           mdl, f, high_res_features=[a, b_], multimask_output=True))(feat, fpn0, fpn1),
       "memory encoder": jitted(lambda mdl, f, x: tracking.encode_new_memory(

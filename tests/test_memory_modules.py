@@ -228,6 +228,31 @@ def test_cross_attention_folds_v_proj_only_where_exact(ref, attention_fp32):
     assert rel_err(got, want) < TOL
 
 
+def test_shared_frame_start_equals_per_object_frames(ref, attention_fp32):
+  """Two objects on one frame: the current frame given once (batch 1) or its precomputed
+  `frame_start` (the first self-attention) gives each object PyTorch's result on that frame
+  with its own memory."""
+  cfg, model, _ = ref
+  curr, curr_pos, memory, memory_pos = _attention_inputs(cfg, 2, 8, seed=5)
+  curr, curr_pos = curr[:, :1].expand(-1, 2, -1), curr_pos[:, :1].expand(-1, 2, -1)
+  want = _torch_attention(model, curr, curr_pos, memory, memory_pos, 8)
+  assert rel_err(want[0], want[1]) > 1e-2  # the objects' memories differ
+  one, one_pos = _bf(curr)[:1], _bf(curr_pos)[:1]
+  start = jax.jit(lambda m, c, p: m.frame_start(c, p))(attention_fp32, one, one_pos)
+  assert start.shape == (1, cfg.image_embedding_size**2, cfg.d_model)
+
+  @jax.jit
+  def with_start(module, start, memory, memory_pos):
+    return module(None, None, memory, memory_pos, 8, start=start)
+
+  broadcast = _run_attention(attention_fp32, one, one_pos, _bf(memory), _bf(memory_pos),
+                             num_obj_ptr_tokens=8)
+  shared = with_start(attention_fp32, start, _bf(memory), _bf(memory_pos))
+  for got in (broadcast, shared):
+    assert got.shape == want.shape
+    assert rel_err(got, want) < TOL
+
+
 def test_memory_attention_padded_and_masked_equals_unpadded(ref, attention_fp32):
   """A fixed-size bank (7 frame slots, 16 pointer slots × 4 tokens) with different real
   contents per batch row gives the unpadded PyTorch result; padding holds NaN to prove it is

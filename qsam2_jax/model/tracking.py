@@ -357,13 +357,16 @@ def assemble_memory(model, bank: MemoryBank, hw: Tuple[int, int]
 
 
 def memory_conditioned_features(model, vision_feat: jax.Array, vision_pos: jax.Array,
-                                bank: Optional[MemoryBank]) -> jax.Array:
+                                bank: Optional[MemoryBank],
+                                start: Optional[jax.Array] = None) -> jax.Array:
   """`_prepare_memory_conditioned_features`, tensor half.
 
   Args:
     vision_feat, vision_pos: (B, h, w, C) lowest FPN level and its sine PE.
     bank: the memory, or None on an initial conditioning frame (then `no_mem_embed` is added
       and there is no attention).
+    start: optional `model.memory_attention.frame_start` of this frame, (1 or B, h·w, C):
+      objects tracked on the same frame compute it once.
 
   Returns:
     (B, h, w, C) features for the SAM heads.
@@ -376,8 +379,8 @@ def memory_conditioned_features(model, vision_feat: jax.Array, vision_pos: jax.A
   memory, memory_pos, valid, n_ptr = assemble_memory(model, bank, (h, w))
   out = model.memory_attention(vision_feat.reshape(b, h * w, c), vision_pos.reshape(b, h * w, c),
                                memory, memory_pos, num_obj_ptr_tokens=n_ptr,
-                               memory_valid=valid)
-  return out.reshape(b, h, w, c)
+                               memory_valid=valid, start=start)
+  return out.reshape(-1, h, w, c)
 
 
 def encode_new_memory(model, vision_feat: jax.Array, pred_masks_high_res: jax.Array,
@@ -433,7 +436,8 @@ def track_step(model, backbone_fpn: Sequence[jax.Array], vision_pos: jax.Array, 
                point_labels: Optional[jax.Array] = None,
                mask_inputs: Optional[jax.Array] = None,
                prev_sam_mask_logits: Optional[jax.Array] = None,
-               run_mem_encoder: bool = True) -> TrackOutputs:
+               run_mem_encoder: bool = True,
+               memory_start: Optional[jax.Array] = None) -> TrackOutputs:
   """`SAM2Base.track_step` for one frame of B objects.
 
   Args:
@@ -446,13 +450,15 @@ def track_step(model, backbone_fpn: Sequence[jax.Array], vision_pos: jax.Array, 
     mask_inputs: (B, 1, S, S) binary mask prompt, or None.
     prev_sam_mask_logits: (B, 1, 4h, 4w) earlier logits fed with new clicks, or None.
     run_mem_encoder: static; also encode this frame's memory.
+    memory_start: optional `memory_attention.frame_start` of this frame, shared by objects
+      (`memory_conditioned_features`' `start`).
   """
   high_res_features = list(backbone_fpn[:-1])
   feat = backbone_fpn[-1]
   if mask_inputs is not None and USE_MASK_INPUT_AS_OUTPUT_WITHOUT_SAM:
     sam = use_mask_as_output(model, feat, high_res_features, mask_inputs)
   else:
-    pix_feat = memory_conditioned_features(model, feat, vision_pos, bank)
+    pix_feat = memory_conditioned_features(model, feat, vision_pos, bank, memory_start)
     if prev_sam_mask_logits is not None:
       if point_coords is None or mask_inputs is not None:
         raise ValueError("prev_sam_mask_logits go with clicks and no mask prompt")
