@@ -120,13 +120,10 @@ class TrainConfig:
   def smoke(cls, **overrides: Any) -> "TrainConfig":
     """The embedded-default variant: a few steps of SAM2.1-t at 256² on CPU.
 
-    float32 compute: CPUs emulate bfloat16 matmuls, which is slower, not faster. Clips carry
-    2 objects and 2 correction clicks (SAM2: 3 and 7): with 8 devices a clip step holds at
-    least 8 clips, and with SAM2's counts the 8-device run reached 17.9 GB RSS (OOM-killed on
-    a 24 GB machine).
+    float32 compute: CPUs emulate bfloat16 matmuls, which is slower, not faster.
     """
     small = dict(steps=4, batch_size=2, masks_per_image=4, vrc_images=4, calib_images=4,
-                 calib_clips=2, video_frames=3, video_objects=2, correction_clicks=2,
+                 calib_clips=2, video_frames=3,
                  eval_images=8, save_every=4, eval_every=0, log_every=1,
                  dtype="float32", lr=1e-4, clip_lr=1e-3, data_threads=2)
     return cls(**{**small, **overrides})
