@@ -278,6 +278,18 @@ def _render_shape(shape: _Shape, pose: Sequence[float], height: int, width: int
   return (slice(y0, y1), slice(x0, x1)), mask, colour
 
 
+def _paint(rng: np.random.Generator, shape: _Shape, canvas: np.ndarray, labels: np.ndarray,
+           k: int) -> None:
+  """Places `shape` at a random pose and paints it (colour and label k) over what is there."""
+  h, w = labels.shape
+  pose = (rng.uniform(0, h - 1), rng.uniform(0, w - 1), rng.uniform(0, 2 * math.pi), 1.0)
+  drawn = _render_shape(shape, pose, h, w)
+  if drawn is not None:
+    crop, mask, colour = drawn
+    canvas[crop][mask] = colour[mask]
+    labels[crop][mask] = k
+
+
 def _background(rng: np.random.Generator, height: int, width: int) -> np.ndarray:
   """Low-frequency two-colour value noise, a brightness gradient and faint stripes."""
   colours = _random_colour_pair(rng)
@@ -365,12 +377,7 @@ def synth_image(seed: int, index: int, size: Sequence[int] = (256, 256),
     for k in range(1, int(rng.integers(3, 8)) + 1):
       radius = min(h, w) * math.exp(rng.uniform(math.log(0.05), math.log(0.32)))
       shape = _random_shape(rng, radius)
-      pose = (rng.uniform(0, h - 1), rng.uniform(0, w - 1), rng.uniform(0, 2 * math.pi), 1.0)
-      drawn = _render_shape(shape, pose, h, w)
-      if drawn is not None:
-        crop, mask, colour = drawn
-        canvas[crop][mask] = colour[mask]
-        labels[crop][mask] = k
+      _paint(rng, shape, canvas, labels, k)
       cats.append(SHAPES.index(shape.kind) + 1)
     if np.bincount(labels.ravel())[1:].max(initial=0) >= default_min_area((h, w)):
       return SyntheticImage(_finish(canvas, rng, rng.uniform(2, 8)), labels, tuple(cats))
@@ -413,12 +420,7 @@ def _synth_varied_image(seed: int, index: int, h: int, w: int) -> SyntheticImage
     for k in range(1, int(rng.integers(4, 10)) + 1):
       radius = min(h, w) * math.exp(rng.uniform(math.log(0.07), math.log(0.34)))
       shape = _random_shape(rng, radius, "varied")
-      pose = (rng.uniform(0, h - 1), rng.uniform(0, w - 1), rng.uniform(0, 2 * math.pi), 1.0)
-      drawn = _render_shape(shape, pose, h, w)
-      if drawn is not None:
-        crop, mask, colour = drawn
-        canvas[crop][mask] = colour[mask]
-        labels[crop][mask] = k
+      _paint(rng, shape, canvas, labels, k)
       cats.append(ALL_SHAPES.index(shape.kind) + 1)
     areas = np.bincount(labels.ravel(), minlength=len(cats) + 1)
     hidden = tuple(k for k in range(1, len(cats) + 1)
