@@ -13,10 +13,11 @@ Stages (--stage, default all in this order; a comma list runs several):
             seeds 0 / 1 / 2; the test split is never used for choosing anything), SAM2.1-t at
             PyTorch's default init (`convert.random_checkpoint --no-randomize-constants`), and
             the FP proxy trained from it with `train.qat --method fp` on images and video clips
-            in two phases: box prompts only (`--box-prob 1`, the recipe that leaves the
-            all-background solution, docs/learning-curve.md), then SAM2's mix of boxes and
-            clicks (`--box-prob 0.5`) from the first phase's checkpoint (`--init`), so the
-            proxy answers click prompts too.
+            in two phases: images with box prompts only (`--box-prob 1`, no clip steps: the
+            recipe that leaves the all-background solution, docs/learning-curve.md), then
+            SAM2's mix of boxes and clicks (`--box-prob 0.5`) and clip steps (`--video-ratio`)
+            from the first phase's checkpoint (`--init`), so the proxy answers click prompts
+            and tracks objects too.
   quantize  every selected row (eval/study_rows.py): PTQ min-max / MSE / VRC+MSE (`train.ptq`),
             QAT min-max / PACT / LSQ / Q-SAM2 and the W2A2 ablations (`train.qat`). Each QAT
             method's learning rate is picked from --lr-grid at W2A2 by the validation mIoU the
@@ -157,6 +158,11 @@ def build_parser() -> argparse.ArgumentParser:
   g.add_argument("--pretrain-mixed-box-prob", type=_share, default=0.5,
                  help="share of box prompts in the second phase, the rest 1-3 clicks "
                       "(default: %(default)s)")
+  g.add_argument("--pretrain-video-ratio", type=float, default=0.0,
+                 help="share of clip steps in the first phase; clips come in the second phase "
+                 "(--video-ratio): with half clip steps (SAM2's mask / click / correction "
+                 "prompts) the first phase stayed at held-out mIoU 0.0000 after 400 steps, "
+                 "docs/status.md #14 (default: %(default)s)")
   g.add_argument("--pretrain-lr", type=float, default=1e-3, help="(default: %(default)s)")
   g.add_argument("--pretrain-vision-lr", type=float, default=1e-5,
                  help="image encoder LR of the pretraining; 1e-4 with lr 1e-3 stayed flat "
@@ -341,21 +347,23 @@ class Plan:
     return self.a.init or os.path.join(self.folder("init"), "out", INIT_FILE)
 
   # -------- training
-  def _train_common(self) -> List[Any]:
+  def _train_common(self, video_ratio: Optional[float] = None) -> List[Any]:
     a = self.a
     args = ["--data", self.split("train-images")]
     if self.split("val-images"):
       args += ["--val-data", self.split("val-images")]
+    ratio = a.video_ratio if video_ratio is None else video_ratio
     args += ["--eval-images", a.val_images, "--video-data", self.split("train-videos"),
-             "--video-ratio", a.video_ratio, "--video-frames", a.video_frames,
+             "--video-ratio", ratio, "--video-frames", a.video_frames,
              "--image-size", a.image_size, "--batch-size", a.batch_size,
              "--masks-per-image", a.masks_per_image, "--dtype", a.dtype,
              "--save-every", a.save_every, "--no-progress"]
     return args
 
-  def _pretrain(self, name: str, init: str, steps: int, box_prob: float) -> Run:
+  def _pretrain(self, name: str, init: str, steps: int, box_prob: float,
+                video_ratio: Optional[float] = None) -> Run:
     a = self.a
-    args = ["--method", "fp", "--init", init, *self._train_common(),
+    args = ["--method", "fp", "--init", init, *self._train_common(video_ratio),
             "--steps", steps, "--lr", f"{a.pretrain_lr:g}",
             "--vision-lr", f"{a.pretrain_vision_lr:g}", "--box-prob", f"{box_prob:g}",
             "--warmup-steps", min(a.pretrain_warmup, steps),
@@ -368,7 +376,7 @@ class Plan:
     if self.a.pretrain_steps == 0:
       return None
     return self._pretrain("pretrain", self.init_path, self.a.pretrain_steps,
-                          self.a.pretrain_box_prob)
+                          self.a.pretrain_box_prob, self.a.pretrain_video_ratio)
 
   def pretrain_mixed_run(self) -> Optional[Run]:
     """The second phase: the first phase's model trained on boxes and clicks (`--init` of the
