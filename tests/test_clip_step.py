@@ -289,3 +289,39 @@ def test_clip_loss_does_not_depend_on_the_order_of_clips():
   assert np.isfinite(fp).all() and fp[0] > 0
   assert max(abs(x - fp[0]) for x in fp) <= 1e-6 * abs(fp[0])
   assert np.isfinite(q).all()
+
+
+@pytest.mark.slow  # two compiles of the float clip loss and gradient (~3 min on 2 cores)
+def test_clip_remat_keeps_values_and_cuts_memory():
+  """`ClipConfig.remat` recomputes frames and correction clicks in the backward pass: the loss
+  and every gradient stay those of the stored-residual step (float noise only), while XLA's
+  buffer assignment for the step needs less temporary memory."""
+  model = build_sam2(tiny_config(SIZE), seed=1)
+  steplib.prepare_for_training(model)
+  batch = {k: jnp.asarray(v) for k, v in _clip_batch(0).items()}
+  graphdef, state = nnx.split(model)
+  key = jax.random.key(5)
+  results = {}
+  for remat in (False, True):
+    cfg = cf.ClipConfig(correction_clicks=K, remat=remat)
+
+    def loss(params, rest, cfg=cfg):
+      m = nnx.merge(graphdef, params, rest)
+      return clip_step.clip_loss_fn(m, batch, key, cfg, losses.LossConfig())[0]
+
+    params, rest = state.filter(nnx.Param, ...)
+    fn = jax.jit(jax.value_and_grad(loss))
+    compiled = fn.lower(params, rest).compile()
+    value, grads = compiled(params, rest)
+    results[remat] = (float(value), jax.device_get(grads),
+                      compiled.memory_analysis().temp_size_in_bytes)
+  (v0, g0, m0), (v1, g1, m1) = results[False], results[True]
+  assert np.isfinite(v0) and v0 > 0
+  assert rel_err(v1, v0) <= 1e-6
+  for (path, a), (_, b) in zip(jax.tree_util.tree_leaves_with_path(g1),
+                               jax.tree_util.tree_leaves_with_path(g0)):
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    assert np.max(np.abs(a - b)) <= 1e-5 * max(np.max(np.abs(b)), 1e-6) + 1e-8, \
+        parallel.path_str(path)
+  print(f"temp memory: {m0 / 2**20:.1f} MiB stored, {m1 / 2**20:.1f} MiB remat")
+  assert m1 < 0.8 * m0

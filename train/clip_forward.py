@@ -64,6 +64,10 @@ class ClipConfig:
   box_noise_bound: float = 20.0
   only_past_pointers: bool = False  # True: eval rule (SAM2Train trains on all cond pointers)
   memory_dtype: Optional[str] = None  # e.g. "bfloat16" like the video predictor's memories
+  # Recompute each frame (and each correction click) in the backward pass instead of storing
+  # its full-resolution intermediates: without it the residuals of T frames x K clicks x
+  # objects at S² dominate the step's memory (8.2 GB for ONE 3-frame clip at 256²). Same values.
+  remat: bool = True
 
   def __post_init__(self):
     for name in ("prob_point", "prob_box", "prob_sample_from_gt"):
@@ -448,7 +452,8 @@ def clip_forward(model, images: jax.Array, gt_masks: jax.Array, plan: ClipPlan, 
         carry = (new, coords, labels, slot_valid, nnx.state(mm, carried))
         return carry, (new.multimasks, new.ious, new.obj)
 
-      (final, _, _, _, rest), outs = jax.lax.scan(click_step, state, jnp.arange(kk))
+      body = jax.checkpoint(click_step, prevent_cse=False) if cfg.remat else click_step
+      (final, _, _, _, rest), outs = jax.lax.scan(body, state, jnp.arange(kk))
       return final, outs, rest
 
     def no_corrections(state):
@@ -480,7 +485,8 @@ def clip_forward(model, images: jax.Array, gt_masks: jax.Array, plan: ClipPlan, 
 
   feats0 = jnp.zeros((bn, t, h, h, mcfg.mem_dim), mem_dtype)
   ptrs0 = jnp.zeros((bn, t, mcfg.d_model), jnp.float32)
-  (_, _, rest), ys = jax.lax.scan(step, (feats0, ptrs0, rest), (jnp.arange(t), order.T))
+  body = jax.checkpoint(step, prevent_cse=False) if cfg.remat else step
+  (_, _, rest), ys = jax.lax.scan(body, (feats0, ptrs0, rest), (jnp.arange(t), order.T))
   nnx.update(model, rest)
   # Scan outputs are in processing order; put them back in frame order, per clip.
   src = _rows(rank, n).T  # (T, BN): step that processed frame t of each object's clip

@@ -44,6 +44,7 @@ from jax.sharding import Mesh
 
 from qsam2_jax import parallel
 from qsam2_jax.data import prompts
+from qsam2_jax.model.hiera import set_remat
 from qsam2_jax.parallel import place, state_shardings
 from qsam2_jax.quant.penalty import pact_l2_penalty
 from qsam2_jax.quant.qlayers import optimizer_labels
@@ -56,9 +57,12 @@ GROUPS = ("decay", "no_decay", "clip")
 # ------------------------------------------------------------------------------ forward
 
 
-def prepare_for_training(model: nnx.Module) -> nnx.Module:
-  """Training-time switches: the stability-based mask fallback is an inference rule."""
+def prepare_for_training(model: nnx.Module, remat: bool = True) -> nnx.Module:
+  """Training-time switches: the stability-based mask fallback is an inference rule; `remat`
+  recomputes each image-encoder block in the backward pass (`hiera.set_remat`), which bounds
+  the memory of many-frame clip steps at the cost of one more encoder forward."""
   model.sam_mask_decoder.dynamic_multimask_via_stability = False
+  set_remat(model, remat)
   return model
 
 

@@ -152,6 +152,19 @@ def block_specs(cfg: HieraConfig) -> List[dict]:
   return specs
 
 
+@nnx.remat
+def _remat_block(block: nnx.Module, x: jax.Array) -> jax.Array:
+  return block(x)
+
+
+def set_remat(model: nnx.Module, on: bool = True) -> nnx.Module:
+  """Switch block rematerialization of every Hiera trunk in `model` (see `Hiera`)."""
+  for _, node in nnx.iter_graph(model):
+    if isinstance(node, Hiera):
+      node.remat = on
+  return model
+
+
 class Hiera(nnx.Module):
   """Hierarchical ViT trunk; returns the four stage outputs NHWC, highest resolution first.
 
@@ -159,12 +172,17 @@ class Hiera(nnx.Module):
   NCHW). The background table is resized bicubically (PyTorch's exact weights) to the patch grid
   and the window table tiled over it, so any input size whose patch grid is a multiple of w0
   works (image_size a multiple of 32 with the released window specs).
+
+  `remat` (a plain attribute, off by default; `set_remat`): each block's internals are
+  recomputed in the backward pass instead of stored, so training holds only the block
+  boundaries of every frame. Values are unchanged.
   """
 
   def __init__(self, cfg: HieraConfig, image_size: int = 1024, *, dtype: layers.Dtype = None,
                rngs: nnx.Rngs):
     self.image_size = image_size
     self.dtype = dtype
+    self.remat = False
     self.stage_ends = tuple(cfg.stage_ends)
     grid = image_size // 4
     if image_size % 4 or grid % cfg.window_spec[0]:
@@ -200,7 +218,7 @@ class Hiera(nnx.Module):
     x = (x.astype(jnp.float32) + pos).astype(self.dtype or jnp.float32)
     outputs = []
     for i, blk in enumerate(self.blocks):
-      x = blk(x)
+      x = _remat_block(blk, x) if self.remat else blk(x)
       if i in self.stage_ends:
         outputs.append(x)
     return outputs
