@@ -33,6 +33,7 @@ from qsam2_jax.quant.penalty import pact_l2_penalty
 from qsam2_jax.quant.quantizers import ClipFactor
 from train import clip_forward as cf
 from train import losses
+from train.host_memory import CompiledOnce
 
 Batch = Dict[str, jax.Array]
 
@@ -229,6 +230,7 @@ class ClipSteps:
     self._train = jax.jit(train_step, in_shardings=(self.model_sh, self.opt_sh, self.batch_sh),
                           out_shardings=(self.model_sh, self.opt_sh, repl),
                           donate_argnums=(0, 1))
+    self._train_once = CompiledOnce(self._train)
     self._eval = jax.jit(eval_step, in_shardings=(self.model_sh, self.batch_sh),
                          out_shardings=repl)
 
@@ -247,7 +249,7 @@ class ClipSteps:
     (step sizes) whose gradient was exactly zero in this step (layers the clip did not reach).
     """
     with jax.set_mesh(self.mesh):
-      return self._train(model_state, opt_state, batch)
+      return self._train_once(model_state, opt_state, batch)
 
   def evaluate(self, model_state, batch: Batch) -> Dict[str, jax.Array]:
     with jax.set_mesh(self.mesh):

@@ -141,7 +141,7 @@ def build_parser() -> argparse.ArgumentParser:
   g.add_argument("--warmup-steps", type=nonnegative_int, help="(default: 5%% of --steps)")
   g.add_argument("--grad-clip", type=nonnegative_float,
                  help="global-norm clip, 0 = off (default 1)")
-  g.add_argument("--remat", action=argparse.BooleanOptionalAction, default=None,
+  g.add_argument("--remat", action=argparse.BooleanOptionalAction,
                  help="recompute image-encoder blocks, clip frames and correction clicks in "
                  "the backward pass instead of storing them: same values, a fraction of the "
                  "memory (a 3-frame clip at 256²: 8.2 -> 3.1 GB of XLA temporaries on one "

@@ -49,6 +49,7 @@ from qsam2_jax.parallel import place, state_shardings
 from qsam2_jax.quant.penalty import pact_l2_penalty
 from qsam2_jax.quant.qlayers import optimizer_labels
 from train import losses
+from train.host_memory import CompiledOnce
 
 Batch = Dict[str, jax.Array]
 GROUPS = ("decay", "no_decay", "clip")
@@ -261,6 +262,7 @@ class Steps:
     self._train = jax.jit(train_step, in_shardings=in_sh,
                           out_shardings=(self.model_sh, self.opt_sh, repl),
                           donate_argnums=(0, 1))
+    self._train_once = CompiledOnce(self._train)
     self._eval = jax.jit(eval_step, in_shardings=(self.model_sh, self.batch_sh),
                          out_shardings=repl)
 
@@ -281,7 +283,7 @@ class Steps:
     if self.teacher_gd is not None:
       args = args + (teacher_state,)
     with jax.set_mesh(self.mesh):
-      return self._train(*args)
+      return self._train_once(*args)
 
   def compile_train(self, model_state, opt_state, batch: Batch):
     """The train step compiled ahead of time for these shapes (benchmarks: compile time and
