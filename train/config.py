@@ -96,7 +96,7 @@ class TrainConfig:
   warmup_steps: Optional[int] = None  # None: 5 % of the steps
   grad_clip: float = 1.0
   distill: float = 0.0
-  remat: bool = True  # recompute encoder blocks, frames and clicks in the backward pass
+  remat: bool = False  # recompute encoder blocks, frames and clicks in the backward pass
   # Parallelism.
   mesh: Optional[str] = None  # "data=N,fsdp=M"; None: all devices on data
   distributed: str = "auto"

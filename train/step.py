@@ -58,7 +58,7 @@ GROUPS = ("decay", "no_decay", "clip")
 # ------------------------------------------------------------------------------ forward
 
 
-def prepare_for_training(model: nnx.Module, remat: bool = True) -> nnx.Module:
+def prepare_for_training(model: nnx.Module, remat: bool = False) -> nnx.Module:
   """Training-time switches: the stability-based mask fallback is an inference rule; `remat`
   recomputes each image-encoder block in the backward pass (`hiera.set_remat`), which bounds
   the memory of many-frame clip steps at the cost of one more encoder forward."""
