@@ -66,9 +66,9 @@ class ClipConfig:
   memory_dtype: Optional[str] = None  # e.g. "bfloat16" like the video predictor's memories
   # Recompute each frame (and each correction click) in the backward pass instead of storing
   # its full-resolution intermediates, which dominate the step's memory (8.2 -> 3.1 GB of XLA
-  # temporaries for ONE 3-frame clip at 256²). Off by default: the loss is the same (1e-6) but
-  # the gradient differs from the stored-residual step by 6.7e-3 relative, not yet explained
-  # (docs/status.md #11).
+  # temporaries for ONE 3-frame clip at 256²); the loss and gradient are the stored step's
+  # (test_clip_remat_keeps_values_and_cuts_memory). Off by default until the Hiera block remat
+  # it is meant to go with is understood (docs/status.md #11).
   remat: bool = False
 
   def __post_init__(self):

@@ -145,8 +145,8 @@ def build_parser() -> argparse.ArgumentParser:
                  help="recompute image-encoder blocks, clip frames and correction clicks in "
                  "the backward pass instead of storing them: the same loss, a fraction of the "
                  "memory (a 3-frame clip at 256²: 8.2 -> 3.1 GB of XLA temporaries on one "
-                 "device), some more compute; the gradient differs from the stored step by "
-                 "6.7e-3 relative, not yet explained (default off)")
+                 "device), some more compute; with the encoder blocks recomputed the "
+                 "gradient moved by 6.7e-3 relative, not yet explained (default off)")
   g.add_argument("--distill", type=nonnegative_float,
                  help="weight of the MSE to the FP model's mask logits (default 0)")
   g.add_argument("--seed", type=int, help="data order, augmentation and prompts (default 0)")
